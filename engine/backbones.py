@@ -1,0 +1,202 @@
+"""Frozen backbones that expose their token stream.
+
+``ViTBackbone`` wraps any timm (>= 1.0) ``VisionTransformer`` without copying or forking its
+code: the wrapper calls the model's own patch embedding, position embedding, blocks and final
+norm, one stage at a time, so that strategies can insert prompts between the stages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BackboneError
+from .prompts import POOLS, Prompts
+
+log = logging.getLogger(__name__)
+
+WEIGHT_CHOICES = "'pretrained' (download by name, or use the local cache), a path to a .safetensors/.pth file, or 'random'"
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file or a torch state dict (``weights_only=True``), unwrapping nesting."""
+    if not path.is_file():
+        raise BackboneError(f"Backbone weights file '{path}' does not exist; set backbone.weights to an existing file, 'pretrained' or 'random'.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is reported the same way
+        raise BackboneError(f"Could not read backbone weights from '{path}' ({type(exc).__name__}: {exc}); use a safetensors file or a torch state dict saved with torch.save.") from exc
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"'{path}' does not hold a state dict; save the model's state_dict() instead.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+class ViTBackbone(nn.Module):
+    """A frozen timm Vision Transformer whose forward pass accepts prompts.
+
+    Args:
+        name: any timm model name that builds a ``VisionTransformer`` (``vit_base_patch16_224``,
+            ``vit_base_patch16_224.augreg_in21k``, ``vit_small_patch16_224``, ...).
+        weights: ``"pretrained"`` to load the timm weights by name (from the network or the
+            local Hugging Face cache), a path to a ``.safetensors`` or ``.pth`` file, or
+            ``"random"`` for random initialisation (tests and offline demos only).
+        **model_kwargs: passed to ``timm.create_model`` (``img_size``, ``depth``, ...).
+    """
+
+    def __init__(self, name: str, weights: str | Path = "pretrained", **model_kwargs: Any) -> None:
+        super().__init__()
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+
+        base = name.split(".")[0]
+        if not timm.is_model(base):
+            close = difflib.get_close_matches(base, timm.list_models("vit*"), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise BackboneError(f"timm has no model named '{name}'{hint}; pick a name from timm.list_models('vit*').")
+        weights = str(weights)
+        pretrained = weights == "pretrained"
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+        except TypeError as exc:
+            raise BackboneError(f"timm model '{name}' does not accept the options {sorted(model_kwargs)} ({exc}); fix backbone.kwargs.") from exc
+        except Exception as exc:  # noqa: BLE001 - download and cache failures come in many types
+            if not pretrained:
+                raise
+            raise BackboneError(
+                f"Could not load pretrained weights for '{name}' ({type(exc).__name__}); connect to the network once so timm can cache them, "
+                f"or set backbone.weights to a local .safetensors/.pth file, or to 'random' for a randomly initialised backbone."
+            ) from exc
+        if not isinstance(model, VisionTransformer):
+            raise BackboneError(f"'{name}' builds a {type(model).__name__}, not a VisionTransformer; choose a ViT model name.")
+        if weights not in ("pretrained", "random"):
+            self._load_file(model, Path(weights), name)
+        elif weights == "random":
+            log.warning("Backbone '%s' is randomly initialised (backbone.weights=random): results say nothing about pretrained accuracy.", name)
+        self.name = name
+        self.weights = weights
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+        cfg = model.pretrained_cfg or {}
+        self.embed_dim: int = model.embed_dim
+        self.num_prefix_tokens: int = model.num_prefix_tokens
+        self.depth: int = len(model.blocks)
+        self.image_size: tuple[int, int] = tuple(model.patch_embed.img_size)  # type: ignore[assignment]
+        self.interpolation: str = cfg.get("interpolation", "bicubic")
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def _load_file(model: nn.Module, path: Path, name: str) -> None:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = _read_state_dict(path)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        try:
+            state = checkpoint_filter_fn(state, model)
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise BackboneError(f"Weights in '{path}' do not fit model '{name}' ({str(exc).splitlines()[0]}); set backbone.name to the model they were saved from.") from exc
+        missing = [k for k in result.missing_keys if not k.startswith("head")]
+        if missing:
+            raise BackboneError(
+                f"Weights in '{path}' lack {len(missing)} tensors of model '{name}' (first: {missing[0]}); set backbone.name to the model they were saved from."
+            )
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records to refuse loading into a different backbone."""
+        return {"name": self.name, "embed_dim": self.embed_dim, "depth": self.depth, "image_size": list(self.image_size)}
+
+    def train(self, mode: bool = True) -> ViTBackbone:
+        """Keep the frozen model in eval mode (no dropout, no drop-path) whatever the caller asks."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Turn a batch of images into model input, on whatever device ``images`` lives.
+
+        Accepts uint8 (0-255) or float (0-1) tensors of shape (B, 3, H, W); resizes to the
+        model's resolution with its pretrained interpolation and normalises with its mean/std.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise BackboneError(f"Expected a batch of RGB images shaped (B, 3, H, W), got {tuple(images.shape)}; convert grey images to 3 channels.")
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        if tuple(x.shape[-2:]) != self.image_size:
+            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(x, size=self.image_size, mode=mode, align_corners=False, antialias=True)
+        return (x - self.mean) / self.std
+
+    # --- token stream ------------------------------------------------------------------------
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, class token and position embedding: (B, 3, H, W) -> (B, N, D)."""
+        m = self.model
+        x = m.patch_embed(x)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def insert_tokens(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Insert (B, L, D) prompt tokens right after the prefix (class/register) tokens."""
+        p = self.num_prefix_tokens
+        return torch.cat([x[:, :p], tokens.to(x.dtype), x[:, p:]], dim=1)
+
+    def blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run transformer blocks ``start`` to ``end`` (exclusive) on the token stream."""
+        for block in self.model.blocks[start:end]:
+            x = block(x)
+        return x
+
+    def forward_tokens(self, x: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
+        """Prompted forward pass; returns the final-norm token stream (B, N [+L], D)."""
+        x = self.embed(x)
+        if prompts is not None:
+            tokens = prompts.stacked(x.shape[0])
+            if tokens is not None:
+                x = self.insert_tokens(x, tokens)
+        x = self.blocks(x)
+        return self.model.norm(x)
+
+    def pool(self, tokens: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
+        """Reduce the token stream to the feature the classifier sees."""
+        mode = prompts.pool if prompts is not None else "cls"
+        if mode == "cls":
+            return tokens[:, 0]
+        if mode == "prompt_mean":
+            n = sum(t.shape[-2] for t in prompts.tokens) if prompts is not None else 0
+            if n == 0:
+                raise BackboneError("prompts.pool='prompt_mean' needs prompt tokens; add tokens or use pool='cls'.")
+            p = self.num_prefix_tokens
+            return tokens[:, p : p + n].mean(dim=1)
+        raise BackboneError(f"Unknown pool '{mode}'; use one of {', '.join(POOLS)}.")
+
+    def forward(self, x: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
+        """Feature of each image: (B, 3, H, W) normalised input -> (B, D)."""
+        return self.pool(self.forward_tokens(x, prompts), prompts)
+
+    @torch.no_grad()
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen [CLS] feature after the final norm, without an autograd graph.
+
+        ``no_grad`` rather than ``inference_mode``: the result feeds differentiable maths
+        (key matching, linear heads), which inference tensors would forbid.
+        """
+        return self.forward(x)

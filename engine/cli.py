@@ -1,0 +1,146 @@
+"""Command line: ``python launch.py`` and the ``driftprompt`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import load_config, validate
+from .errors import DriftpromptError, PluginError
+from .loggers import format_accuracy_matrix, format_summary, side_by_side
+from .metrics import AccuracyMatrix
+from .plugins import BLOCK_ENV, discover
+
+DESCRIPTION = """\
+driftprompt: continual and test-time prompt learning on frozen ViT and CLIP backbones.
+
+  driftprompt                         run the offline demo (two strategies, tiny random ViT,
+                                      synthetic class-incremental stream; about a minute on a CPU)
+  driftprompt CONFIG.yaml [k=v ...]   run a config; overrides use dotted keys, values are YAML:
+                                        train.epochs=3  strategies=[ncm]  strategies.0.mask_current=true
+  driftprompt --resume RUN_DIR        continue a killed run after its last finished experience
+  driftprompt plugins                 list every strategy and stream, and where it comes from
+
+Each run writes RUN_DIR/config.yaml (resolved), metrics.jsonl, tensorboard/, checkpoint.pt
+(after every experience, written atomically) and summary.json.
+"""
+
+EPILOG = f"Set {BLOCK_ENV}=name1,name2 to keep named external plugins from loading."
+
+DEMO_STRATEGIES = ("finetune", "ncm")
+
+
+def demo_config(strategy: str) -> dict[str, Any]:
+    """The demo's config for one strategy: small enough for two CPU cores, real all the same."""
+    return {
+        "name": f"demo-{strategy}",
+        "device": "auto",
+        "backbone": {"name": "vit_small_patch16_224", "weights": "random", "kwargs": {"img_size": 32, "patch_size": 4, "depth": 4}},
+        "stream": {"name": "synthetic", "options": {"num_classes": 10, "n_experiences": 5, "train_per_class": 100, "test_per_class": 50, "seed": 0}},
+        "train": {"epochs": 3, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.001}},
+        "eval": {"batch_size": 250},
+        "strategies": [strategy],
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="driftprompt", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("items", nargs="*", metavar="CONFIG|plugins [key=value ...]", help="a YAML config, or 'plugins', followed by overrides")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
+    parser.add_argument("--run-dir", metavar="DIR", help="where to write this run (default runs/<name>-<time>)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    return parser
+
+
+def _print_result(summaries: list[dict[str, Any]]) -> None:
+    blocks = []
+    for summary in summaries:
+        values = AccuracyMatrix.from_list(summary["accuracy"]).values
+        title = f"{'+'.join(summary['strategies'])}: accuracy (%)"
+        blocks.append(format_accuracy_matrix(values, title) + "\n\n" + format_summary({k: summary.get(k) for k in ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer", "forward_transfer")}))
+    print(side_by_side(blocks, gap=6))
+
+
+def cmd_plugins() -> int:
+    registry = discover()
+    rows = [("kind", "name", "from", "description")]
+    rows += [("strategy", e.name, f"{e.source} {e.version}".strip(), e.summary) for e in sorted(registry.strategies.values(), key=lambda e: e.name)]
+    rows += [("stream", e.name, f"{e.source} {e.version}".strip(), e.summary) for e in sorted(registry.streams.values(), key=lambda e: e.name)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(col.ljust(w) for col, w in zip(row[:3], widths)) + "  " + row[3])
+    for name in registry.blocked:
+        print(f"blocked by {BLOCK_ENV}: {name}")
+    for name, why in registry.broken.items():
+        print(f"failed to load: {name}: {why}")
+    return 0
+
+
+def cmd_demo(run_root: str | None) -> int:
+    from .run import build
+
+    print("driftprompt demo: finetune vs ncm on a synthetic 5-experience class-incremental stream, tiny random ViT (no download).")
+    summaries = []
+    for strategy in DEMO_STRATEGIES:
+        config = validate(demo_config(strategy))
+        with build(config, Path(run_root) / config.name if run_root else "auto") as run:
+            summaries.append(run.fit())
+            print(f"{strategy}: logs in {run.run_dir}")
+    _print_result(summaries)
+    return 0
+
+
+def cmd_run(config_path: str | None, overrides: Sequence[str], run_dir: str | None) -> int:
+    from .run import build
+
+    config = load_config(config_path, overrides)
+    with build(config, run_dir or "auto") as run:
+        print(f"run directory: {run.run_dir}")
+        summary = run.fit()
+    _print_result([summary])
+    return 0
+
+
+def cmd_resume(run_dir: str, extra: Sequence[str]) -> int:
+    from .run import resume
+
+    if extra:
+        raise DriftpromptError("--resume takes no config or overrides: a resumed run keeps the config saved in its directory.")
+    with resume(run_dir) as run:
+        print(f"resuming {run.run_dir} at experience {run.loop.start}")
+        summary = run.fit()
+    _print_result([summary])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python launch.py`` and ``driftprompt``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    items = list(args.items)
+    try:
+        if args.resume:
+            return cmd_resume(args.resume, items)
+        if items[:1] == ["plugins"]:
+            return cmd_plugins()
+        if not items:
+            return cmd_demo(args.run_dir)
+        config_path = None if "=" in items[0] else items[0]
+        overrides = items[1:] if config_path is not None else items
+        return cmd_run(config_path, overrides, args.run_dir)
+    except DriftpromptError as exc:
+        if isinstance(exc, PluginError) and getattr(exc, "show_traceback", False) and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last finished experience is in the run's checkpoint; continue with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

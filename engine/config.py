@@ -1,0 +1,232 @@
+"""Run configuration: YAML files validated by pydantic, with ``key.sub=value`` overrides.
+
+Every error a user can make here (a typo in a key, a wrong type, a missing file) becomes a
+:class:`~driftprompt.engine.errors.ConfigError` with one sentence naming the key and what is
+allowed, which the CLI prints without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Strict):
+    """Which frozen ViT to use and where its weights come from."""
+
+    name: str = "vit_base_patch16_224.augreg_in21k"
+    weights: str = Field("pretrained", description="'pretrained', 'random', or a path to a .safetensors/.pth file")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model options (img_size, depth, ...)")
+
+
+class StreamConfig(_Strict):
+    """A registered stream builder and its options (see ``driftprompt plugins``)."""
+
+    name: str = "synthetic"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, description="SGD only")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm, or null")
+    reset_optimizer: bool = Field(True, description="build a fresh optimizer at every experience")
+    num_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    future: bool = Field(False, description="also evaluate experiences not trained yet (needed for forward transfer)")
+
+
+class TestTimeConfig(_Strict):
+    steps: int = Field(1, ge=0, description="adaptation steps per test sample")
+    batch_size: int = Field(1, ge=1, description="1 for sample-wise streams")
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adamw", lr=5e-3, weight_decay=0.01))
+    reset_optimizer: bool = Field(True, description="fresh optimizer state for every sample")
+
+
+class LogConfig(_Strict):
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool | None = Field(None, description="progress bars; null shows them only on a terminal")
+
+
+class StrategySpec(_Strict):
+    """One strategy to instantiate: its registered name and constructor options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(_Strict):
+    """Everything one run needs; the resolved copy is saved as ``config.yaml`` in the run dir."""
+
+    name: str = "run"
+    mode: Literal["continual", "test_time"] = "continual"
+    seed: int = 0
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    run_dir: str | None = Field(None, description="default: runs/<name>-<timestamp>")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    test_time: TestTimeConfig = Field(default_factory=TestTimeConfig)
+    strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="finetune")])
+    plugin_modules: list[str] = Field(default_factory=list, description="extra plugin modules or .py files to load")
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _normalise_strategies(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                out.append({"name": item})
+            elif isinstance(item, dict) and "name" in item and "options" not in item:
+                out.append({"name": item["name"], "options": {k: v for k, v in item.items() if k != "name"}})
+            else:
+                out.append(item)
+        return out
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _explain(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        where = f"under '{'.'.join(map(str, loc[:-1]))}'" if len(loc) > 1 else "at the top level"
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"Unknown config key '{key}'; {hint}allowed keys {where} are: {', '.join(allowed)}."
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"Config key '{key}': {msg}{shown}."
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`, or raise a one-sentence ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+# --- files and overrides -----------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist; pass the path of a YAML file (see configs/).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"Config file '{path}' is not valid YAML{where}; fix the syntax there.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of keys to values, not a {type(data).__name__}.")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``key.sub=value`` override in place; the value is parsed as YAML.
+
+    List items are addressed by index (``strategies.0.pool_size=5``); a strategy given by
+    name alone is expanded to its mapping form first.
+    """
+    if "=" not in override:
+        raise ConfigError(f"Override '{override}' has no '='; write it as key.sub=value.")
+    key, raw = override.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"Override '{override}' names no key; write it as key.sub=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"Override '{override}': '{part}' is not an index of a list of {len(node)} items.")
+            idx = int(part)
+            if isinstance(node[idx], str):  # strategies: [l2p] -> [{name: l2p}]
+                node[idx] = {"name": node[idx]}
+            node = node[idx]
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"Override '{override}': '{'.'.join(parts[: i + 1])}' is a value, not a section.")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"Override '{override}': '{last}' is not an index of a list of {len(node)} items.")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read ``path`` (or start from defaults), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    return validate(data)
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved configuration as YAML (key order kept)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

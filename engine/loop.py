@@ -1,0 +1,407 @@
+"""The continual loop and the test-time loop.
+
+Neither loop knows any strategy: they walk the fixed sequence of :class:`Event` points on one
+:class:`State` and ask the registered plugins for logits, loss terms and trainable parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_save, rng_state, set_rng_state
+from .errors import CheckpointError, PluginError
+from .events import Event
+from .hookspecs import hookimpl
+from .metrics import AccuracyMatrix
+from .optim import build_optimizer, merge_param_groups
+from .plugins import Hooks
+from .runtime import autocast, data_generator
+from .state import State
+
+
+class EngineDefaults:
+    """The engine's own hook implementations: the default forward pass."""
+
+    @hookimpl(trylast=True)
+    def forward(self, state: State) -> torch.Tensor:
+        """Backbone (with the strategies' prompts) then the linear head."""
+        if state.head is None:
+            raise PluginError("No strategy produced logits and the run has no head; add a classifier strategy such as 'finetune' or 'ncm'.")
+        if state.prompts.empty:
+            state.features = state.compute_query()
+        else:
+            state.features = state.backbone(state.inputs, state.prompts)
+        return state.head(state.features)
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Set the logits of classes outside ``allowed`` (a boolean mask) to the dtype's minimum.
+
+    A finite minimum, not ``-inf``: softmax still gives them zero probability, and entropies
+    (``p * log p``) stay finite.
+    """
+    if bool(allowed.all()):
+        return logits
+    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+
+
+class _Loop:
+    def __init__(self, state: State, hooks: Hooks, strategies: list[tuple[str, Any]], logger: Any = None, progress: bool | None = None) -> None:
+        self.state = state
+        self.hooks = hooks
+        self.strategies = strategies
+        self.logger = logger
+        self.progress = progress
+        self._initialised = False
+
+    def _bar(self, iterable: Iterable, total: int | None, desc: str, leave: bool = False) -> Iterator:
+        return iter(tqdm(iterable, total=total, desc=desc, leave=leave, disable=None if self.progress is None else not self.progress, dynamic_ncols=True))
+
+    def _init(self) -> None:
+        if not self._initialised:
+            self.state.phase = "init"
+            self.hooks.fire(Event.INIT, self.state)
+            self._initialised = True
+
+    def _set_batch(self, images: torch.Tensor, targets: torch.Tensor | None, extras: dict[str, Any]) -> None:
+        s = self.state
+        s.clear_batch()
+        s.inputs = s.backbone.preprocess(images.to(s.device, non_blocking=True))
+        s.targets = targets.to(s.device, non_blocking=True) if targets is not None else None
+        s.batch = extras
+
+    def _forward(self, allowed: torch.Tensor | None) -> torch.Tensor:
+        s = self.state
+        self.hooks.fire(Event.BEFORE_FORWARD, s)
+        with autocast(s.device, s.amp_dtype):
+            logits = self.hooks.forward(s)
+        s.logits = logits if allowed is None else mask_logits(logits, allowed)
+        self.hooks.fire(Event.AFTER_FORWARD, s)
+        return s.logits
+
+    def _optimize(self, clip: float | None) -> None:
+        """Loss, backward and optimizer stages for the current batch."""
+        s = self.state
+        self.hooks.fire(Event.BEFORE_LOSS, s)
+        with autocast(s.device, s.amp_dtype):
+            terms = self.hooks.loss_terms(s)
+        if not terms:
+            raise PluginError("Strategies declared trainable parameters but returned no loss terms; a classifier strategy must implement loss_terms.")
+        s.loss_terms = terms
+        s.loss = sum(t.float() for t in terms.values())  # type: ignore[assignment]
+        self.hooks.fire(Event.AFTER_LOSS, s)
+        self.hooks.fire(Event.BEFORE_BACKWARD, s)
+        assert s.loss is not None
+        s.loss.backward()
+        self.hooks.fire(Event.AFTER_BACKWARD, s)
+        self.hooks.fire(Event.BEFORE_OPTIMIZER_STEP, s)
+        # Clip after projection hooks: scaling keeps a projected gradient's direction.
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in s.param_groups for p in g["params"]], clip)
+        assert s.optimizer is not None
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        self.hooks.fire(Event.AFTER_OPTIMIZER_STEP, s)
+
+    def _build_optimizer(self, options: Any, reset: bool) -> None:
+        """Collect parameter groups and (re)build or extend the optimizer."""
+        s = self.state
+        groups = self.hooks.trainable_parameters(s)
+        s.param_groups = groups
+        if s.optimizer is not None and not reset:
+            merge_param_groups(s.optimizer, groups)
+        elif s.optimizer is None and groups:
+            s.optimizer = build_optimizer(groups, options)
+
+
+class ContinualLoop(_Loop):
+    """Train on each experience in turn, then evaluate on every experience seen so far.
+
+    Args:
+        state: the shared state, with backbone, head and device set.
+        hooks: the run's plugin manager.
+        strategies: ``(name, plugin)`` pairs in config order, for checkpoints.
+        stream: a ``streams.Stream``.
+        config: the validated ``RunConfig``.
+        logger: a ``loggers.RunLogger`` or ``None``.
+    """
+
+    def __init__(self, state: State, hooks: Hooks, strategies: list[tuple[str, Any]], stream: Any, config: Any, logger: Any = None) -> None:
+        super().__init__(state, hooks, strategies, logger, config.log.progress)
+        self.stream = stream
+        self.config = config
+        self.accuracy = AccuracyMatrix(len(stream))
+        self.baseline: list[float] | None = None
+        self.timings: list[dict[str, float]] = []
+        self.start = 0
+        self._saved_optimizer: dict[str, Any] | None = None
+        state.num_experiences = len(stream)
+        state.num_classes = stream.num_classes
+        state.metrics["accuracy_matrix"] = self.accuracy
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": s.backbone.fingerprint,
+            "strategy_names": [name for name, _ in self.strategies],
+            "next_experience": self.start,
+            "step": s.step,
+            "seen_classes": list(s.seen_classes),
+            "head": s.head.state_dict() if s.head is not None else None,
+            "strategies": {name: plugin.state_dict() for name, plugin in self.strategies if hasattr(plugin, "state_dict")},
+            "optimizer": s.optimizer.state_dict() if s.optimizer is not None else None,
+            "rng": rng_state(),
+            "metrics": {"accuracy": self.accuracy.to_list(), "baseline": self.baseline, "timings": self.timings},
+        }
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by this loop (after ``init`` has run)."""
+        s = self.state
+        if payload["backbone"] != s.backbone.fingerprint:
+            raise CheckpointError(f"The checkpoint was written for backbone {payload['backbone']}, not {s.backbone.fingerprint}; resume with the run's own config.")
+        names = [name for name, _ in self.strategies]
+        if payload["strategy_names"] != names:
+            raise CheckpointError(f"The checkpoint was written by strategies {payload['strategy_names']}, not {names}; resume with the run's own config.")
+        self._init()
+        self.start = payload["next_experience"]
+        s.step = payload["step"]
+        s.seen_classes = list(payload["seen_classes"])
+        if s.head is not None and payload["head"] is not None:
+            s.head.load_state_dict(payload["head"])
+        for name, plugin in self.strategies:
+            if name in payload["strategies"] and hasattr(plugin, "load_state_dict"):
+                plugin.load_state_dict(payload["strategies"][name])
+        self._saved_optimizer = payload["optimizer"]
+        metrics = payload["metrics"]
+        restored = AccuracyMatrix.from_list(metrics["accuracy"])
+        self.accuracy = restored
+        s.metrics["accuracy_matrix"] = restored
+        self.baseline = metrics["baseline"]
+        self.timings = list(metrics["timings"])
+        set_rng_state(payload["rng"])
+
+    def _save(self) -> None:
+        if self.state.run_dir is not None:
+            atomic_save(self.checkpoint_payload(), self.state.run_dir / CHECKPOINT_NAME)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> AccuracyMatrix:
+        """Run every remaining experience; returns the accuracy matrix."""
+        s, cfg = self.state, self.config
+        self._init()
+        s.phase = "train"
+        self.hooks.fire(Event.FIT_START, s)
+        if cfg.eval.future and self.baseline is None and self.start == 0:
+            self.baseline = self._evaluate_untrained()
+        experiences = self._bar(range(self.start, len(self.stream)), len(self.stream) - self.start, "experiences", leave=True)
+        for i in experiences:
+            self._train_experience(i)
+            self.start = i + 1
+            self._save()
+            if s.stop:
+                break
+        s.phase = "done"
+        self.hooks.fire(Event.FIT_END, s)
+        return self.accuracy
+
+    def _train_experience(self, i: int) -> None:
+        s, cfg = self.state, self.config
+        exp = self.stream[i]
+        s.experience = exp
+        s.phase = "train"
+        s.seen_classes = s.seen_classes + [c for c in exp.classes if c not in s.seen_classes]
+        if cfg.train.reset_optimizer:
+            s.optimizer = None
+        self.hooks.fire(Event.EXPERIENCE_START, s)
+        self._build_optimizer(cfg.train.optimizer, cfg.train.reset_optimizer)
+        if self._saved_optimizer is not None and s.optimizer is not None and not cfg.train.reset_optimizer:
+            s.optimizer.load_state_dict(self._saved_optimizer)
+        self._saved_optimizer = None
+        seen = s.seen_mask()
+        started = time.perf_counter()
+        images_seen = 0
+        for epoch in self._bar(range(cfg.train.epochs), cfg.train.epochs, f"exp {i} epochs"):
+            s.epoch = epoch
+            self.hooks.fire(Event.EPOCH_START, s)
+            loss_sum = torch.zeros((), device=s.device)
+            n_batches = 0
+            batches = _batches(exp.train, cfg.train.batch_size, True, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
+            for b, (images, targets, extras) in enumerate(self._bar(batches, math.ceil(len(exp.train) / cfg.train.batch_size), f"exp {i} epoch {epoch}")):
+                s.batch_index = b
+                self._set_batch(images, targets, extras)
+                images_seen += images.shape[0]
+                self.hooks.fire(Event.BATCH_START, s)
+                self._forward(seen)
+                if s.optimizer is not None:
+                    self._optimize(cfg.train.grad_clip)
+                    loss_sum += s.loss.detach()  # type: ignore[union-attr]
+                    n_batches += 1
+                self.hooks.fire(Event.BATCH_END, s)
+                if s.stop:
+                    break
+            self.hooks.fire(Event.EPOCH_END, s)
+            if self.logger is not None and n_batches:
+                self.logger.log("train", s.step, experience=i, epoch=epoch, loss=float(loss_sum) / n_batches)
+            if s.stop:
+                break
+        train_seconds = time.perf_counter() - started
+        self.hooks.fire(Event.EXPERIENCE_END, s)
+        started = time.perf_counter()
+        self._evaluate(i)
+        eval_seconds = time.perf_counter() - started
+        self.timings.append({"experience": i, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "train_images_per_s": images_seen / max(train_seconds, 1e-9)})
+        if self.logger is not None:
+            row = self.accuracy.values[i]
+            self.logger.log("experience", s.step, **self.timings[-1], accuracy=[None if math.isnan(v) else float(v) for v in row], **self.accuracy.summary(self.baseline))
+            self.logger.log_accuracy_matrix(self.accuracy.values, s.step)
+
+    def _eval_accuracy(self, exp: Any, allowed: torch.Tensor) -> float:
+        s, cfg = self.state, self.config
+        s.eval_experience = exp
+        correct = torch.zeros((), dtype=torch.long, device=s.device)
+        total = 0
+        with torch.no_grad():
+            for b, (images, targets, extras) in enumerate(_batches(exp.test, cfg.eval.batch_size, False, None, cfg.train.num_workers)):
+                s.batch_index = b
+                self._set_batch(images, targets, extras)
+                self.hooks.fire(Event.EVAL_BATCH_START, s)
+                logits = self._forward(allowed)
+                correct += (logits.argmax(dim=1) == s.targets).sum()
+                total += images.shape[0]
+                self.hooks.fire(Event.EVAL_BATCH_END, s)
+        return 100.0 * float(correct) / max(total, 1)
+
+    def _evaluate(self, i: int) -> None:
+        """Accuracy row ``i``: every seen experience, and future ones when asked."""
+        s, cfg = self.state, self.config
+        s.phase = "eval"
+        self.hooks.fire(Event.EVAL_START, s)
+        seen = s.seen_mask()
+        last = len(self.stream) if cfg.eval.future else i + 1
+        for j in range(last):
+            exp = self.stream[j]
+            allowed = seen if j <= i else seen | self._class_mask(exp.classes)
+            self.accuracy.set(i, j, self._eval_accuracy(exp, allowed))
+        s.eval_experience = None
+        s.phase = "train"
+        self.hooks.fire(Event.EVAL_END, s)
+
+    def _evaluate_untrained(self) -> list[float]:
+        """Accuracy of the untrained model on each experience, its own classes unmasked (for FWT)."""
+        s = self.state
+        s.phase = "eval"
+        out = [self._eval_accuracy(exp, self._class_mask(exp.classes)) for exp in self.stream]
+        s.eval_experience = None
+        s.phase = "train"
+        return out
+
+    def _class_mask(self, classes: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.state.num_classes, dtype=torch.bool, device=self.state.device)
+        mask[torch.as_tensor(classes, device=self.state.device)] = True
+        return mask
+
+
+class TestTimeLoop(_Loop):
+    """Adapt online on a test stream, predicting each sample after its adaptation steps.
+
+    The stream yields ``(images, targets, extras)`` batches: one image per batch for
+    sample-wise streams. ``extras`` may carry ``"domain"`` (per-sample names) for per-domain
+    online accuracy. Predictions are recorded in ``state.metrics["online"]``.
+
+    Args:
+        state: the shared state (``seen_classes`` gives the classes predictions may take;
+            empty means all of the head's classes).
+        hooks: the run's plugin manager.
+        strategies: ``(name, plugin)`` pairs in config order.
+        steps: adaptation steps per sample (0 evaluates the source model online).
+        optimizer: ``OptimizerConfig`` for the adaptation optimizer.
+        reset_optimizer: a fresh optimizer (and its moments) for every sample.
+    """
+
+    def __init__(self, state: State, hooks: Hooks, strategies: list[tuple[str, Any]], steps: int, optimizer: Any, reset_optimizer: bool = True, logger: Any = None, progress: bool | None = None) -> None:
+        super().__init__(state, hooks, strategies, logger, progress)
+        self.steps = steps
+        self.optimizer_options = optimizer
+        self.reset_optimizer = reset_optimizer
+
+    def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], total: int | None = None) -> dict[str, Any]:
+        """Consume the stream; returns online accuracy overall and per domain, and latency."""
+        s = self.state
+        self._init()
+        allowed = s.seen_mask() if s.seen_classes else None
+        s.phase = "predict"
+        self.hooks.fire(Event.TEST_STREAM_START, s)
+        correct = torch.zeros((), dtype=torch.long, device=s.device)
+        per_domain: dict[str, list[int]] = {}
+        count = 0
+        started = time.perf_counter()
+        for n, (images, targets, extras) in enumerate(self._bar(batches, total, "test samples")):
+            s.batch_index = n
+            # Labels stay out of the state until the prediction is made: adaptation is unsupervised.
+            self._set_batch(images, None, extras)
+            labels = targets.to(s.device) if targets is not None else None
+            self.hooks.fire(Event.TEST_SAMPLE_START, s)
+            if self.reset_optimizer:
+                s.optimizer = None
+            self._build_optimizer(self.optimizer_options, self.reset_optimizer)
+            for _ in range(self.steps if s.optimizer is not None else 0):
+                s.phase = "adapt"
+                self.hooks.fire(Event.ADAPT_STEP_START, s)
+                s.clear_batch()
+                self._forward(allowed)
+                self._optimize(None)
+                self.hooks.fire(Event.ADAPT_STEP_END, s)
+            s.phase = "predict"
+            s.clear_batch()
+            with torch.no_grad():
+                logits = self._forward(allowed)
+            s.targets = labels
+            self.hooks.fire(Event.TEST_SAMPLE_END, s)
+            count += images.shape[0]
+            if labels is not None:
+                hits = logits.argmax(dim=1) == labels
+                correct += hits.sum()
+                domains = extras.get("domain")
+                if domains is not None:
+                    for d, h in zip(domains, hits.tolist()):
+                        slot = per_domain.setdefault(str(d), [0, 0])
+                        slot[0] += int(h)
+                        slot[1] += 1
+            if s.stop:
+                break
+        seconds = time.perf_counter() - started
+        s.phase = "done"
+        result = {
+            "online_accuracy": 100.0 * float(correct) / max(count, 1),
+            "per_domain": {d: 100.0 * c / t for d, (c, t) in per_domain.items()},
+            "samples": count,
+            "seconds_per_sample": seconds / max(count, 1),
+        }
+        s.metrics["online"] = result
+        self.hooks.fire(Event.TEST_STREAM_END, s)
+        if self.logger is not None:
+            self.logger.log("test_time", s.step, **result)
+        return result
+
+
+def _batches(dataset: Any, batch_size: int, shuffle: bool, generator: torch.Generator | None, num_workers: int) -> Iterator:
+    from driftprompt.streams.base import iterate
+
+    return iterate(dataset, batch_size, shuffle, generator, num_workers)
+
+
+def cross_entropy(state: State) -> torch.Tensor:
+    """Cross-entropy of ``state.logits`` against ``state.targets``, computed in fp32."""
+    assert state.logits is not None and state.targets is not None
+    return F.cross_entropy(state.logits.float(), state.targets)

@@ -1,0 +1,144 @@
+"""Assemble a run from a config: backbone, stream, strategies, state, loop, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from torch import nn
+
+from .backbones import ViTBackbone
+from .checkpoint import CHECKPOINT_NAME, load
+from .config import RunConfig, dump_config, load_config
+from .errors import CheckpointError, ConfigError, StreamError
+from .loggers import RunLogger
+from .loop import ContinualLoop, EngineDefaults, TestTimeLoop
+from .plugins import Hooks, Registry, discover, instantiate
+from .runtime import resolve_amp_dtype, resolve_device, seed_everything
+from .state import State
+
+log = logging.getLogger(__name__)
+
+
+def build_stream(config: RunConfig, registry: Registry) -> Any:
+    """Call the registered stream builder named by ``config.stream``."""
+    entry = registry.stream(config.stream.name)
+    stream = instantiate(entry, dict(config.stream.options), kind="stream")
+    if not hasattr(stream, "experiences") or len(stream) == 0:
+        raise StreamError(f"Stream builder '{config.stream.name}' returned no experiences; check its options.")
+    return stream
+
+
+def build_strategies(config: RunConfig, registry: Registry) -> list[tuple[str, Any]]:
+    """Instantiate exactly the strategies the config names, in config order."""
+    names = [spec.name for spec in config.strategies]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"Strategy '{dupes[0]}' is listed more than once; list each strategy once and give it all its options.")
+    return [(spec.name, instantiate(registry.strategy(spec.name), dict(spec.options))) for spec in config.strategies]
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+@dataclass
+class Run:
+    """A configured run; ``fit()`` trains the continual stream, ``adapt()`` runs a test stream."""
+
+    config: RunConfig
+    registry: Registry
+    state: State
+    hooks: Hooks
+    strategies: list[tuple[str, Any]]
+    stream: Any
+    logger: RunLogger | None
+    run_dir: Path | None
+    loop: ContinualLoop = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loop = ContinualLoop(self.state, self.hooks, self.strategies, self.stream, self.config, self.logger)
+
+    def fit(self) -> dict[str, Any]:
+        """Train on the stream; returns the accuracy matrix (as lists) and summary metrics."""
+        matrix = self.loop.fit()
+        summary = {
+            "name": self.config.name,
+            "strategies": [n for n, _ in self.strategies],
+            "accuracy": matrix.to_list(),
+            "baseline": self.loop.baseline,
+            **matrix.summary(self.loop.baseline),
+            "timings": self.loop.timings,
+        }
+        if self.run_dir is not None:
+            tmp = self.run_dir / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.run_dir / "summary.json")
+        return summary
+
+    def adapt(self, batches: Iterable[Any], total: int | None = None) -> dict[str, Any]:
+        """Run the test-time loop over ``(images, targets, extras)`` batches."""
+        tt = self.config.test_time
+        loop = TestTimeLoop(self.state, self.hooks, self.strategies, tt.steps, tt.optimizer, tt.reset_optimizer, self.logger, self.config.log.progress)
+        loop._initialised = self.loop._initialised
+        self.loop._initialised = True
+        return loop.run(batches, total)
+
+    def close(self) -> None:
+        """Flush and close the logs."""
+        if self.logger is not None:
+            self.logger.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build(config: RunConfig, run_dir: str | Path | None = "auto", registry: Registry | None = None, *, resume: bool = False) -> Run:
+    """Build everything a run needs. ``run_dir=None`` keeps the run in memory (no files)."""
+    seed_everything(config.seed, config.deterministic)
+    device = resolve_device(config.device)
+    amp = resolve_amp_dtype(config.precision, device)
+    registry = registry or discover(config.plugin_modules)
+    strategies = build_strategies(config, registry)
+    stream = build_stream(config, registry)
+    backbone = ViTBackbone(config.backbone.name, config.backbone.weights, **config.backbone.kwargs).to(device)
+    head = nn.Linear(backbone.embed_dim, stream.num_classes).to(device)
+    path: Path | None
+    if run_dir is None:
+        path = None
+    else:
+        path = Path(config.run_dir) if run_dir == "auto" and config.run_dir else default_run_dir(config) if run_dir == "auto" else Path(run_dir)
+        if not resume and (path / CHECKPOINT_NAME).exists():
+            raise ConfigError(f"Run directory '{path}' already holds a checkpoint; continue it with --resume {path}, or choose another run_dir.")
+        path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            dump_config(config.model_copy(update={"run_dir": str(path)}), path / "config.yaml")
+    logger = RunLogger(path, tensorboard=config.log.tensorboard, jsonl=config.log.jsonl) if path is not None else None
+    state = State(backbone=backbone, head=head, device=device, amp_dtype=amp, config=config, run_dir=path)
+    hooks = Hooks(EngineDefaults(), strategies)
+    return Run(config, registry, state, hooks, strategies, stream, logger, path)
+
+
+def resume(run_dir: str | Path, registry: Registry | None = None) -> Run:
+    """Rebuild a run from its directory and continue after its last finished experience."""
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"'{path}' is not a run directory (no config.yaml); pass the folder a previous run wrote.")
+    config = load_config(path / "config.yaml")
+    payload = load(path / CHECKPOINT_NAME)
+    run = build(config, path, registry, resume=True)
+    run.loop.restore(payload)
+    if run.logger is not None:
+        run.logger.log("resume", run.state.step, next_experience=run.loop.start)
+    return run
+
+
+__all__ = ["Run", "build", "build_stream", "build_strategies", "resume"]

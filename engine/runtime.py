@@ -1,0 +1,67 @@
+"""Device, precision and seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable device is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"Config key 'device': '{name}' is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("Config key 'device' asks for CUDA but no GPU is visible; use device=cpu or device=auto.")
+    return device
+
+
+def resolve_amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA for 'auto' and 'bf16'; fp32 (``None``) on the CPU."""
+    if precision == "fp32" or device.type != "cuda":
+        if precision == "bf16" and device.type != "cuda":
+            raise ConfigError("precision=bf16 needs a CUDA device; use precision=auto or precision=fp32 on the CPU.")
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """Autocast context for the forward and loss stages (a no-op in fp32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally force deterministic kernels.
+
+    Deterministic mode sets ``torch.use_deterministic_algorithms(True)`` and the cuBLAS
+    workspace variable it needs; it is slower on GPUs and raises on ops without a
+    deterministic implementation.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def data_generator(seed: int, *keys: int) -> torch.Generator:
+    """A generator for data order that depends only on the run seed and ``keys``.
+
+    Shuffling for experience ``i``, epoch ``e`` uses ``data_generator(seed, i, e)``, so a
+    resumed run sees the same batches as an uninterrupted one.
+    """
+    mixed = np.random.SeedSequence([seed % 2**32, *keys]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
