@@ -354,6 +354,7 @@ class TestTimeLoop(_Loop):
             self.hooks.fire(Event.TEST_SAMPLE_START, s)
             if self.reset_optimizer:
                 s.optimizer = None
+            s.phase = "adapt"
             self._build_optimizer(self.optimizer_options, self.reset_optimizer)
             for _ in range(self.steps if s.optimizer is not None else 0):
                 s.phase = "adapt"

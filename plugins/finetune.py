@@ -28,8 +28,10 @@ class Finetune:
         self.mask_current = bool(mask_current)
 
     @hookimpl
-    def trainable_parameters(self, state: State) -> list[dict[str, Any]]:
-        assert state.head is not None
+    def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
+        # Supervised only: nothing to adapt on unlabelled test samples.
+        if state.phase != "train" or state.head is None:
+            return None
         return [{"params": list(state.head.parameters()), "name": "head", "role": "head"}]
 
     @hookimpl

@@ -1,0 +1,54 @@
+"""Tiny models and tiny streams shared by the tests: everything builds offline in seconds."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from driftprompt.engine.config import validate
+from driftprompt.engine.plugins import Registered, Registry, discover
+
+TINY_BACKBONE: dict[str, Any] = {
+    "name": "vit_small_patch16_224",
+    "weights": "random",
+    "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+}
+
+
+def tiny_config(**changes: Any) -> dict[str, Any]:
+    """2 experiences x 2 classes, 16 training images each: 2 batches of 8 per epoch."""
+    cfg: dict[str, Any] = {
+        "name": "test",
+        "device": "cpu",
+        "backbone": copy.deepcopy(TINY_BACKBONE),
+        "stream": {"name": "synthetic", "options": {"num_classes": 4, "n_experiences": 2, "train_per_class": 8, "test_per_class": 4, "image_size": 16, "seed": 0}},
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": {"name": "adam", "lr": 0.01}},
+        "eval": {"batch_size": 64},
+        "log": {"tensorboard": False, "progress": False},
+        "strategies": ["finetune"],
+    }
+    for key, value in changes.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            cfg[section][sub] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def registry_with(**strategies: type) -> Registry:
+    """The installed plugins plus strategies defined inside a test."""
+    registry = discover()
+    for name, cls in strategies.items():
+        registry.strategies[name] = Registered(name, cls, "tests")
+    return registry
+
+
+@pytest.fixture
+def make_config():
+    def make(**changes: Any):
+        return validate(tiny_config(**changes))
+
+    return make
