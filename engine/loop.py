@@ -46,8 +46,6 @@ def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     A finite minimum, not ``-inf``: softmax still gives them zero probability, and entropies
     (``p * log p``) stay finite.
     """
-    if bool(allowed.all()):
-        return logits
     return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
 
 
@@ -58,16 +56,16 @@ class _Loop:
         self.strategies = strategies
         self.logger = logger
         self.progress = progress
-        self._initialised = False
 
     def _bar(self, iterable: Iterable, total: int | None, desc: str, leave: bool = False) -> Iterator:
         return iter(tqdm(iterable, total=total, desc=desc, leave=leave, disable=None if self.progress is None else not self.progress, dynamic_ncols=True))
 
     def _init(self) -> None:
-        if not self._initialised:
+        """Fire ``init`` once per run, whichever loop (or a resume) gets there first."""
+        if not self.hooks.initialised:
             self.state.phase = "init"
             self.hooks.fire(Event.INIT, self.state)
-            self._initialised = True
+            self.hooks.initialised = True
 
     def _set_batch(self, images: torch.Tensor, targets: torch.Tensor | None, extras: dict[str, Any]) -> None:
         s = self.state
@@ -109,6 +107,17 @@ class _Loop:
         s.optimizer.zero_grad(set_to_none=True)
         s.step += 1
         self.hooks.fire(Event.AFTER_OPTIMIZER_STEP, s)
+
+    def _allowed(self, classes: list[int]) -> torch.Tensor | None:
+        """Mask of the classes predictions may take; ``None`` when that is every class.
+
+        Built once per experience or evaluation, never per batch (no host sync in the loop).
+        """
+        if len(set(classes)) >= self.state.num_classes:
+            return None
+        mask = torch.zeros(self.state.num_classes, dtype=torch.bool, device=self.state.device)
+        mask[torch.as_tensor(sorted(set(classes)), device=self.state.device)] = True
+        return mask
 
     def _build_optimizer(self, options: Any, reset: bool) -> None:
         """Collect parameter groups and (re)build or extend the optimizer."""
@@ -228,7 +237,7 @@ class ContinualLoop(_Loop):
         if self._saved_optimizer is not None and s.optimizer is not None and not cfg.train.reset_optimizer:
             s.optimizer.load_state_dict(self._saved_optimizer)
         self._saved_optimizer = None
-        seen = s.seen_mask()
+        seen = self._allowed(s.seen_classes)
         started = time.perf_counter()
         images_seen = 0
         for epoch in self._bar(range(cfg.train.epochs), cfg.train.epochs, f"exp {i} epochs"):
@@ -266,7 +275,7 @@ class ContinualLoop(_Loop):
             self.logger.log("experience", s.step, **self.timings[-1], accuracy=[None if math.isnan(v) else float(v) for v in row], **self.accuracy.summary(self.baseline))
             self.logger.log_accuracy_matrix(self.accuracy.values, s.step)
 
-    def _eval_accuracy(self, exp: Any, allowed: torch.Tensor) -> float:
+    def _eval_accuracy(self, exp: Any, allowed: torch.Tensor | None) -> float:
         s, cfg = self.state, self.config
         s.eval_experience = exp
         correct = torch.zeros((), dtype=torch.long, device=s.device)
@@ -287,12 +296,11 @@ class ContinualLoop(_Loop):
         s, cfg = self.state, self.config
         s.phase = "eval"
         self.hooks.fire(Event.EVAL_START, s)
-        seen = s.seen_mask()
         last = len(self.stream) if cfg.eval.future else i + 1
         for j in range(last):
             exp = self.stream[j]
-            allowed = seen if j <= i else seen | self._class_mask(exp.classes)
-            self.accuracy.set(i, j, self._eval_accuracy(exp, allowed))
+            classes = s.seen_classes if j <= i else s.seen_classes + exp.classes
+            self.accuracy.set(i, j, self._eval_accuracy(exp, self._allowed(classes)))
         s.eval_experience = None
         s.phase = "train"
         self.hooks.fire(Event.EVAL_END, s)
@@ -301,15 +309,10 @@ class ContinualLoop(_Loop):
         """Accuracy of the untrained model on each experience, its own classes unmasked (for FWT)."""
         s = self.state
         s.phase = "eval"
-        out = [self._eval_accuracy(exp, self._class_mask(exp.classes)) for exp in self.stream]
+        out = [self._eval_accuracy(exp, self._allowed(exp.classes)) for exp in self.stream]
         s.eval_experience = None
         s.phase = "train"
         return out
-
-    def _class_mask(self, classes: list[int]) -> torch.Tensor:
-        mask = torch.zeros(self.state.num_classes, dtype=torch.bool, device=self.state.device)
-        mask[torch.as_tensor(classes, device=self.state.device)] = True
-        return mask
 
 
 class TestTimeLoop(_Loop):
@@ -339,7 +342,7 @@ class TestTimeLoop(_Loop):
         """Consume the stream; returns online accuracy overall and per domain, and latency."""
         s = self.state
         self._init()
-        allowed = s.seen_mask() if s.seen_classes else None
+        allowed = self._allowed(s.seen_classes) if s.seen_classes else None
         s.phase = "predict"
         self.hooks.fire(Event.TEST_STREAM_START, s)
         correct = torch.zeros((), dtype=torch.long, device=s.device)

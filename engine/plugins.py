@@ -196,6 +196,7 @@ class Hooks:
     def __init__(self, core: object, strategies: list[tuple[str, object]]) -> None:
         self.pm = _new_manager()
         self.strategies = strategies
+        self.initialised = False  # the init event fires once per run, across loops
         self.pm.register(core, name="engine")
         # pluggy calls implementations last-registered-first; registering in reverse makes
         # strategies run in the order the config lists them.

@@ -85,8 +85,6 @@ class Run:
         """Run the test-time loop over ``(images, targets, extras)`` batches."""
         tt = self.config.test_time
         loop = TestTimeLoop(self.state, self.hooks, self.strategies, tt.steps, tt.optimizer, tt.reset_optimizer, self.logger, self.config.log.progress)
-        loop._initialised = self.loop._initialised
-        self.loop._initialised = True
         return loop.run(batches, total)
 
     def close(self) -> None:

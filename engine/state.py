@@ -92,8 +92,8 @@ class State:
     def compute_query(self) -> torch.Tensor:
         """Return the frozen [CLS] feature of ``inputs``, computed at most once per batch.
 
-        The pass runs under ``torch.inference_mode`` on the same backbone instance as the
-        prompted pass: no second model copy, no autograd graph.
+        The pass runs without autograd on the same backbone instance as the prompted pass:
+        no second model copy, no graph.
         """
         if self.query is None:
             assert self.inputs is not None, "compute_query() needs state.inputs"
