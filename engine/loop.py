@@ -238,6 +238,8 @@ class ContinualLoop(_Loop):
             s.optimizer.load_state_dict(self._saved_optimizer)
         self._saved_optimizer = None
         seen = self._allowed(s.seen_classes)
+        if s.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(s.device)
         started = time.perf_counter()
         images_seen = 0
         for epoch in self._bar(range(cfg.train.epochs), cfg.train.epochs, f"exp {i} epochs"):
@@ -269,7 +271,10 @@ class ContinualLoop(_Loop):
         started = time.perf_counter()
         self._evaluate(i)
         eval_seconds = time.perf_counter() - started
-        self.timings.append({"experience": i, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "train_images_per_s": images_seen / max(train_seconds, 1e-9)})
+        timing = {"experience": i, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "train_images_per_s": images_seen / max(train_seconds, 1e-9)}
+        if s.device.type == "cuda":
+            timing["peak_memory_mb"] = torch.cuda.max_memory_allocated(s.device) / 2**20
+        self.timings.append(timing)
         if self.logger is not None:
             row = self.accuracy.values[i]
             self.logger.log("experience", s.step, **self.timings[-1], accuracy=[None if math.isnan(v) else float(v) for v in row], **self.accuracy.summary(self.baseline))
