@@ -165,14 +165,71 @@ class ViTBackbone(nn.Module):
             x = block(x)
         return x
 
+    def check_layers(self, layers: list[int] | tuple[int, ...], what: str) -> None:
+        """Raise one clear sentence if a strategy names blocks this backbone does not have."""
+        bad = [i for i in layers if not 0 <= int(i) < self.depth]
+        if bad:
+            raise BackboneError(f"{what} names block(s) {bad}, but '{self.name}' has blocks 0..{self.depth - 1}; choose layers inside that range.")
+
+    def attention_with_prefix(self, block: nn.Module, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """timm ``Attention`` of ``block`` with (B, Lp, D) key/value prefixes prepended per head.
+
+        Uses the block's own projections and the fused ``scaled_dot_product_attention``. The
+        prefixes are split into heads with a reshape over the channel axis followed by a
+        transpose of the length and head axes, so batch, key/value and head axes stay apart.
+        """
+        attn = block.attn
+        B, N, C = x.shape
+        H = attn.num_heads
+        Dh = attn.head_dim
+        qkv = attn.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        pk = key.to(k.dtype).reshape(B, -1, H, Dh).transpose(1, 2)
+        pv = value.to(v.dtype).reshape(B, -1, H, Dh).transpose(1, 2)
+        k = torch.cat([pk, k], dim=2)
+        v = torch.cat([pv, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(B, N, H * Dh)
+        out = attn.norm(out)
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            out = out * gate(x).sigmoid()
+        return attn.proj_drop(attn.proj(out))
+
+    def block_with_prefix(self, block: nn.Module, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """One timm ``Block`` whose attention sees extra key/value prefixes."""
+        x = x + block.drop_path1(block.ls1(self.attention_with_prefix(block, block.norm1(x), key, value)))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
     def forward_tokens(self, x: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
-        """Prompted forward pass; returns the final-norm token stream (B, N [+L], D)."""
+        """Prompted forward pass; returns the final-norm token stream (B, N [+L], D).
+
+        Token order: prefix (class/register) tokens, layer-0 prompt tokens, the deep-prompt
+        slot (present from the first block that has deep prompts), then patch tokens.
+        """
         x = self.embed(x)
-        if prompts is not None:
-            tokens = prompts.stacked(x.shape[0])
-            if tokens is not None:
-                x = self.insert_tokens(x, tokens)
-        x = self.blocks(x)
+        if prompts is None or prompts.empty:
+            return self.model.norm(self.blocks(x))
+        B = x.shape[0]
+        tokens = prompts.stacked(B)
+        if tokens is not None:
+            x = self.insert_tokens(x, tokens)
+        slot_start = self.num_prefix_tokens + prompts.num_tokens
+        slot_len = 0
+        for i, block in enumerate(self.model.blocks):
+            deep = prompts.deep_at(i, B)
+            if deep is not None:
+                deep = deep.to(x.dtype)
+                if slot_len == 0:
+                    x = torch.cat([x[:, :slot_start], deep, x[:, slot_start:]], dim=1)
+                    slot_len = deep.shape[1]
+                elif deep.shape[1] != slot_len:
+                    raise BackboneError(f"Deep prompts must keep one length across layers; layer {i} has {deep.shape[1]} tokens, earlier layers {slot_len}.")
+                else:
+                    x = torch.cat([x[:, :slot_start], deep, x[:, slot_start + slot_len :]], dim=1)
+            prefix = prompts.prefix_at(i, B)
+            x = block(x) if prefix is None else self.block_with_prefix(block, x, *prefix)
         return self.model.norm(x)
 
     def pool(self, tokens: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
@@ -181,7 +238,7 @@ class ViTBackbone(nn.Module):
         if mode == "cls":
             return tokens[:, 0]
         if mode == "prompt_mean":
-            n = sum(t.shape[-2] for t in prompts.tokens) if prompts is not None else 0
+            n = prompts.num_tokens if prompts is not None else 0
             if n == 0:
                 raise BackboneError("prompts.pool='prompt_mean' needs prompt tokens; add tokens or use pool='cls'.")
             p = self.num_prefix_tokens

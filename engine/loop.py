@@ -49,6 +49,34 @@ def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
 
 
+def mask_to_current_experience(state: State) -> None:
+    """Mask ``state.logits`` to the classes of the experience being trained (train phase only).
+
+    The train-time class mask of L2P and DualPrompt: old classes receive no gradient from the
+    new experience's data, which removes the bias toward new classes.
+    """
+    if state.phase != "train" or state.experience is None or state.logits is None:
+        return
+    # Built once per experience and cached, so the batch loop does no host-to-device copy.
+    cached = state.plugin_state.get("engine.current_class_mask")
+    if cached is None or cached[0] != state.experience.index:
+        allowed = torch.zeros(state.num_classes, dtype=torch.bool, device=state.device)
+        allowed[torch.as_tensor(state.experience.classes, device=state.device)] = True
+        cached = state.plugin_state["engine.current_class_mask"] = (state.experience.index, allowed)
+    state.logits = mask_logits(state.logits, cached[1])
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from each group's base learning rate to zero over ``total_steps``.
+
+    Rebuilt at every experience; base rates persist in ``initial_lr`` when the optimizer does.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"])
+    total = max(total_steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+
+
 class _Loop:
     def __init__(self, state: State, hooks: Hooks, strategies: list[tuple[str, Any]], logger: Any = None, progress: bool | None = None) -> None:
         self.state = state
@@ -56,6 +84,7 @@ class _Loop:
         self.strategies = strategies
         self.logger = logger
         self.progress = progress
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     def _bar(self, iterable: Iterable, total: int | None, desc: str, leave: bool = False) -> Iterator:
         return iter(tqdm(iterable, total=total, desc=desc, leave=leave, disable=None if self.progress is None else not self.progress, dynamic_ncols=True))
@@ -105,6 +134,8 @@ class _Loop:
         assert s.optimizer is not None
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
         s.step += 1
         self.hooks.fire(Event.AFTER_OPTIMIZER_STEP, s)
 
@@ -237,6 +268,8 @@ class ContinualLoop(_Loop):
         if self._saved_optimizer is not None and s.optimizer is not None and not cfg.train.reset_optimizer:
             s.optimizer.load_state_dict(self._saved_optimizer)
         self._saved_optimizer = None
+        steps = cfg.train.epochs * math.ceil(len(exp.train) / cfg.train.batch_size)
+        self.scheduler = cosine_schedule(s.optimizer, steps) if cfg.train.scheduler == "cosine" and s.optimizer is not None else None
         seen = self._allowed(s.seen_classes)
         if s.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(s.device)

@@ -233,10 +233,14 @@ class Hooks:
             return getattr(self.pm.hook, hook)(**kwargs)
         except PluginError:
             raise
+        except DriftpromptError as exc:
+            # a user error detected by a plugin keeps its type (and its one sentence), named
+            who = self._culprit(exc.__traceback__)
+            raise type(exc)(f"Strategy '{who}' stopped at '{hook}': {exc}") from exc
         except Exception as exc:
             who = self._culprit(exc.__traceback__)
             err = PluginError(f"Strategy '{who}' failed while handling '{hook}': {type(exc).__name__}: {exc}")
-            err.plugin, err.event, err.show_traceback = who, hook, not isinstance(exc, DriftpromptError)  # type: ignore[attr-defined]
+            err.plugin, err.event, err.show_traceback = who, hook, True  # type: ignore[attr-defined]
             raise err from exc
 
     def fire(self, event: Event, state: Any) -> None:

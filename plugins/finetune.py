@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from driftprompt.engine import State, hookimpl
-from driftprompt.engine.loop import cross_entropy, mask_logits
+from driftprompt.engine.loop import cross_entropy, mask_to_current_experience
 
 
 class Finetune:
@@ -36,10 +36,8 @@ class Finetune:
 
     @hookimpl
     def before_loss(self, state: State) -> None:
-        if self.mask_current and state.phase == "train" and state.experience is not None:
-            allowed = torch.zeros(state.num_classes, dtype=torch.bool, device=state.device)
-            allowed[torch.as_tensor(state.experience.classes, device=state.device)] = True
-            state.logits = mask_logits(state.logits, allowed)
+        if self.mask_current:
+            mask_to_current_experience(state)
 
     @hookimpl
     def loss_terms(self, state: State) -> dict[str, torch.Tensor]:

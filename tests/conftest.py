@@ -17,6 +17,14 @@ TINY_BACKBONE: dict[str, Any] = {
 }
 
 
+# Options that fit the tiny backbone (width 32, 2 blocks); strategies not listed use defaults.
+TINY_OPTIONS: dict[str, dict[str, Any]] = {
+    "l2p": {"pool_size": 4, "prompt_length": 2, "top_k": 2},
+    "dualprompt": {"e_pool_size": 4, "g_layers": [0], "e_layers": [1]},
+    "coda_prompt": {"pool_size": 4, "prompt_length": 4, "layers": [0, 1]},
+}
+
+
 def tiny_config(**changes: Any) -> dict[str, Any]:
     """2 experiences x 2 classes, 16 training images each: 2 batches of 8 per epoch."""
     cfg: dict[str, Any] = {

@@ -10,6 +10,8 @@ from driftprompt.engine.plugins import discover
 from driftprompt.engine.run import build
 from driftprompt.streams import TensorImageDataset, iterate
 
+from ..conftest import TINY_OPTIONS
+
 BUILTIN = sorted(name for name, entry in discover().strategies.items() if entry.source == "driftprompt")
 
 
@@ -19,7 +21,7 @@ def test_builtins_are_registered():
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_every_strategy_runs_two_batches_and_one_test_sample(name, make_config):
-    run = build(make_config(strategies=[name], stream={"name": "synthetic", "options": {"num_classes": 2, "n_experiences": 1, "train_per_class": 8, "test_per_class": 4, "image_size": 16}}), run_dir=None)
+    run = build(make_config(strategies=[{"name": name, **TINY_OPTIONS.get(name, {})}], stream={"name": "synthetic", "options": {"num_classes": 2, "n_experiences": 1, "train_per_class": 8, "test_per_class": 4, "image_size": 16}}), run_dir=None)
     summary = run.fit()
     assert len(summary["accuracy"]) == 1 and 0.0 <= summary["accuracy"][0][0] <= 100.0
     sample = TensorImageDataset(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8), torch.tensor([0]))
