@@ -22,9 +22,17 @@ class TensorImageDataset(Dataset):
         targets: integer class labels (N,).
         indices: the samples' positions in the source dataset (default 0..N-1), so that
             every sample keeps its identity through splits.
+        tags: constant per-dataset facts added to every batch's extras: ``"task_id"`` (int,
+            becomes a (B,) long tensor) and ``"domain"`` (str, becomes a list of B strings).
     """
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor | Sequence[int], indices: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor | Sequence[int],
+        indices: torch.Tensor | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
         targets = torch.as_tensor(targets, dtype=torch.long)
         if images.dim() != 4 or images.shape[1] != 3:
             raise StreamError(f"Images must be shaped (N, 3, H, W), got {tuple(images.shape)}; convert grey images to 3 channels.")
@@ -33,6 +41,8 @@ class TensorImageDataset(Dataset):
         self.images = images
         self.targets = targets
         self.indices = torch.arange(len(targets)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        self.tags: dict[str, Any] = dict(tags or {})
+        self.skipped: int = 0  # unreadable source images left out (see streams.folders)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -42,13 +52,29 @@ class TensorImageDataset(Dataset):
 
     def subset(self, positions: torch.Tensor) -> TensorImageDataset:
         """A new dataset holding the samples at ``positions`` (indices are kept)."""
-        return TensorImageDataset(self.images[positions], self.targets[positions], self.indices[positions])
+        return TensorImageDataset(self.images[positions], self.targets[positions], self.indices[positions], self.tags)
+
+    def with_tags(self, **tags: Any) -> TensorImageDataset:
+        """The same samples (tensors shared, not copied) with extra batch tags."""
+        return TensorImageDataset(self.images, self.targets, self.indices, {**self.tags, **tags})
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
             pos = order[start : start + batch_size]
-            yield self.images[pos], self.targets[pos], {"index": self.indices[pos]}
+            yield self.images[pos], self.targets[pos], tag_extras({"index": self.indices[pos]}, self.tags, len(pos))
+
+
+def tag_extras(extras: dict[str, Any], tags: dict[str, Any], n: int) -> dict[str, Any]:
+    """Add constant dataset tags to a batch's extras, expanded to one entry per sample."""
+    for key, value in tags.items():
+        if key == "domain" or isinstance(value, str):
+            extras[key] = [value] * n
+        elif isinstance(value, (int, bool)):
+            extras[key] = torch.full((n,), int(value), dtype=torch.long)
+        else:
+            extras[key] = value
+    return extras
 
 
 def targets_of(dataset: Dataset) -> torch.Tensor:
@@ -64,11 +90,20 @@ def iterate(dataset: Dataset, batch_size: int, shuffle: bool = False, generator:
     if isinstance(dataset, TensorImageDataset):
         yield from dataset.batches(batch_size, shuffle, generator)
         return
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    tags = dict(getattr(dataset, "tags", None) or {})
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
     for batch in loader:
         images, targets = batch[0], batch[1]
         extras = {"index": batch[2]} if len(batch) > 2 else {}
-        yield images, targets, extras
+        yield images, targets, tag_extras(extras, tags, int(images.shape[0]))
 
 
 @dataclass
@@ -82,6 +117,8 @@ class Experience:
         classes: the classes that occur in this experience, sorted.
         task_id: task label (exposed only by task-incremental scenarios).
         domain: domain name for domain-incremental streams.
+        major_classes: for blurry streams, the classes this experience introduces (``classes``
+            then also lists the classes of samples that leaked in from other experiences).
     """
 
     index: int
@@ -90,16 +127,35 @@ class Experience:
     classes: list[int]
     task_id: int | None = None
     domain: str | None = None
+    major_classes: list[int] | None = None
 
 
 @dataclass
 class Stream:
-    """An ordered list of experiences over ``num_classes`` classes."""
+    """An ordered list of experiences over ``num_classes`` classes.
+
+    Attributes:
+        experiences: the experiences, in arrival order.
+        num_classes: width of the head.
+        class_names: optional names indexed by class id.
+        name: the stream's name in logs.
+        scenario: ``"class_incremental"``, ``"task_incremental"``, ``"domain_incremental"``
+            or ``"blurry"``.
+        online: single pass over the training data in arrival order (one epoch, no shuffle).
+        boundaries: whether experience boundaries are announced to strategies; with
+            ``False`` an online learner must not rely on ``experience_start``/``_end``.
+        label_mask: for test-time subsets of a wider label space (ImageNet-A/R), the boolean
+            mask of the classes predictions may take; ``None`` means all of them.
+    """
 
     experiences: list[Experience]
     num_classes: int
     class_names: list[str] = field(default_factory=list)
     name: str = "stream"
+    scenario: str = "class_incremental"
+    online: bool = False
+    boundaries: bool = True
+    label_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.experiences)

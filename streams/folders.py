@@ -1,0 +1,325 @@
+"""Image folders and tar archives of image folders, decoded once and cached.
+
+Layout (ImageFolder style, the same inside an archive, optionally under one top folder)::
+
+    <split>/<class>/<file>.jpg      e.g. train/cat/0001.jpg, test/cat/0001.jpg
+
+Class ids are the class folder names in sorted order over every split, so train and test
+agree. Unreadable images are skipped, counted on the dataset's ``skipped`` attribute and
+reported in one warning; they are never replaced by something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from driftprompt.engine.errors import StreamError
+
+from .base import TensorImageDataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff"})
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
+
+_MEMORY: dict[str, dict[str, Any]] = {}
+
+
+def decode(data: bytes | Path, image_size: int | None = None) -> torch.Tensor:
+    """Decode an image file (bytes or path) to a uint8 (3, H, W) RGB tensor with Pillow.
+
+    With ``image_size``, the shorter side is resized to it (bilinear, antialiased) and the
+    centre square is cut, so every image of a dataset has the same shape.
+    """
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        img = img.convert("RGB")
+        if image_size is not None and img.size != (image_size, image_size):
+            w, h = img.size
+            scale = image_size / min(w, h)
+            nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+            img = img.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - image_size) // 2, (nh - image_size) // 2
+            img = img.crop((left, top, left + image_size, top + image_size))
+        arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class _Collected:
+    """Decoded images of one split while reading a folder or an archive."""
+
+    images: list[torch.Tensor] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    per_class: dict[str, int] = field(default_factory=dict)
+
+
+def _split_and_class(parts: Sequence[str], splits: Sequence[str]) -> tuple[str, str] | None:
+    """(split, class) of a member path like ``[top/]train/cat/0001.jpg``."""
+    for i in range(len(parts) - 2):
+        if parts[i] in splits:
+            return parts[i], parts[i + 1]
+    return None
+
+
+def _stack(c: _Collected, classes: list[str], source: str, split: str) -> TensorImageDataset:
+    if c.skipped:
+        log.warning("Skipped %d unreadable image(s) of split '%s' in '%s' (first: %s); remove or replace them to silence this.", len(c.skipped), split, source, c.skipped[0])
+    if not c.images:
+        return _empty(c)
+    shapes = {tuple(t.shape) for t in c.images}
+    if len(shapes) > 1:
+        raise StreamError(f"Images in '{source}' have different sizes ({sorted(shapes)[:3]}...); set stream.options.image_size to resize them to one size.")
+    index = {name: i for i, name in enumerate(classes)}
+    ds = TensorImageDataset(torch.stack(c.images), torch.tensor([index[n] for n in c.labels], dtype=torch.long))
+    ds.skipped = len(c.skipped)
+    return ds
+
+
+def _empty(c: _Collected) -> TensorImageDataset:
+    ds = TensorImageDataset(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    ds.skipped = len(c.skipped)
+    return ds
+
+
+def _cache_key(path: Path, **options: Any) -> str:
+    st = path.stat()
+    raw = json.dumps({"path": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, **options}, sort_keys=True)
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, cache_dir: str | os.PathLike[str] | None, options: dict[str, Any], read: Any) -> dict[str, Any]:
+    """Return ``read()``'s result, memoised in memory and (with ``cache_dir``) on disk."""
+    key = _cache_key(path, **options)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    file = Path(os.path.expanduser(str(cache_dir))) / f"{path.name.split('.')[0]}-{key}.pt" if cache_dir is not None else None
+    if file is not None and file.is_file():
+        result = torch.load(file, map_location="cpu", weights_only=True)
+    else:
+        result = read()
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(".tmp")
+            torch.save(result, tmp)
+            os.replace(tmp, file)
+    _MEMORY[key] = result
+    return result
+
+
+def _pack(collected: dict[str, _Collected], classes: list[str], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"classes": classes}
+    for split, c in collected.items():
+        ds = _stack(c, classes, source, split)
+        out[split] = {"images": ds.images, "targets": ds.targets, "skipped": ds.skipped}
+    return out
+
+
+def _unpack(packed: dict[str, Any], split: str) -> TensorImageDataset:
+    part = packed[split]
+    ds = TensorImageDataset(part["images"], part["targets"])
+    ds.skipped = int(part["skipped"])
+    return ds
+
+
+def read_tar(
+    path: str | os.PathLike[str],
+    splits: Sequence[str] = ("train", "test"),
+    per_class: int | None = None,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[dict[str, TensorImageDataset], list[str]]:
+    """Decode the image folders inside a tar archive (any compression) without extracting it.
+
+    One sequential pass over the archive reads every requested split; with ``per_class`` only
+    the first ``per_class`` images of each class and split (in archive order) are decoded.
+
+    Returns:
+        ``{split: dataset}`` and the class names (class id = position).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StreamError(f"Archive '{path}' does not exist; fix stream.options.path or the data root.")
+    options = {"splits": list(splits), "per_class": per_class, "image_size": image_size, "kind": "tar"}
+
+    def read() -> dict[str, Any]:
+        collected = {s: _Collected() for s in splits}
+        names: set[str] = set()
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                for member in tf:
+                    if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    found = _split_and_class(Path(member.name).parts, splits)
+                    if found is None:
+                        continue
+                    split, cls = found
+                    names.add(cls)
+                    c = collected[split]
+                    if per_class is not None and c.per_class.get(cls, 0) >= per_class:
+                        continue
+                    handle = tf.extractfile(member)
+                    try:
+                        c.images.append(decode(handle.read() if handle else b"", image_size))
+                    except _DECODE_ERRORS:
+                        c.skipped.append(member.name)
+                        continue
+                    c.labels.append(cls)
+                    c.per_class[cls] = c.per_class.get(cls, 0) + 1
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise StreamError(f"'{path}' is not a readable tar archive ({type(exc).__name__}: {exc}); re-download or re-create it.") from exc
+        if not names:
+            raise StreamError(f"Archive '{path}' holds no images under {'/'.join(splits)}/<class>/; use the layout <split>/<class>/<image> inside it.")
+        return _pack(collected, sorted(names), str(path))
+
+    packed = _cached(path, cache_dir, options, read)
+    return {s: _unpack(packed, s) for s in splits}, list(packed["classes"])
+
+
+def _folder_files(root: Path, split: str | None) -> list[tuple[Path, str]]:
+    base = root / split if split else root
+    items = []
+    for cls_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for f in sorted(cls_dir.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                items.append((f, cls_dir.name))
+    return items
+
+
+def folder_splits(root: Path) -> list[str]:
+    """The split folders (train, test, val, ...) directly under ``root``; empty when none."""
+    return [s for s in SPLIT_NAMES if (root / s).is_dir()]
+
+
+def folder_classes(root: Path, splits: Sequence[str | None]) -> list[str]:
+    names: set[str] = set()
+    for split in splits:
+        base = root / split if split else root
+        names.update(p.name for p in base.iterdir() if p.is_dir())
+    return sorted(names)
+
+
+def read_folder(
+    root: str | os.PathLike[str],
+    splits: Sequence[str | None] = ("train", "test"),
+    per_class: int | None = None,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[dict[str | None, TensorImageDataset], list[str]]:
+    """Decode an image folder into memory (``None`` as a split reads ``root/<class>/`` directly)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StreamError(f"Image folder '{root}' does not exist; fix stream.options.path or the data root.")
+    for split in splits:
+        if split and not (root / split).is_dir():
+            raise StreamError(f"Image folder '{root}' has no '{split}' subfolder; use the layout {root}/{split}/<class>/<image>.")
+    classes = folder_classes(root, splits)
+    if not classes:
+        raise StreamError(f"Image folder '{root}' has no class subfolders; use the layout <split>/<class>/<image>.")
+    options = {"splits": [s or "" for s in splits], "per_class": per_class, "image_size": image_size, "kind": "folder"}
+
+    def read() -> dict[str, Any]:
+        collected: dict[str, _Collected] = {}
+        for split in splits:
+            c = collected.setdefault(split or "", _Collected())
+            for f, cls in _folder_files(root, split):
+                if per_class is not None and c.per_class.get(cls, 0) >= per_class:
+                    continue
+                try:
+                    c.images.append(decode(f, image_size))
+                except _DECODE_ERRORS:
+                    c.skipped.append(str(f))
+                    continue
+                c.labels.append(cls)
+                c.per_class[cls] = c.per_class.get(cls, 0) + 1
+        return _pack(collected, classes, str(root))
+
+    packed = _cached(root, cache_dir, options, read)
+    return {s: _unpack(packed, s or "") for s in splits}, list(packed["classes"])
+
+
+class ImageFileDataset(Dataset):
+    """Images decoded from files on demand (for folders too large to hold in memory).
+
+    Headers are checked once when the dataset is built (Pillow reads only the header, so
+    this is fast); unreadable files are skipped and counted in ``skipped``. Items are
+    ``(uint8 (3, S, S) tensor, label, index)`` with ``S = image_size``.
+
+    Args:
+        files: image paths.
+        labels: one label per file.
+        image_size: side of the square every image is resized and centre-cropped to.
+        verify: check each file's header when building the dataset.
+    """
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], image_size: int = 224, verify: bool = True) -> None:
+        keep_files, keep_labels, skipped = [], [], []
+        for f, y in zip(files, labels):
+            if verify:
+                try:
+                    with Image.open(f) as img:
+                        img.size  # noqa: B018 - forces the header parse
+                except _DECODE_ERRORS:
+                    skipped.append(str(f))
+                    continue
+            keep_files.append(Path(f))
+            keep_labels.append(int(y))
+        if skipped:
+            log.warning("Skipped %d unreadable image(s) (first: %s); remove or replace them to silence this.", len(skipped), skipped[0])
+        self.files = keep_files
+        self.targets = torch.tensor(keep_labels, dtype=torch.long)
+        self.image_size = image_size
+        self.skipped = len(skipped)
+        self.tags: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        try:
+            return decode(self.files[i], self.image_size), int(self.targets[i]), i
+        except _DECODE_ERRORS as exc:
+            raise StreamError(f"Image '{self.files[i]}' cannot be decoded ({exc}); remove or replace the file.") from exc
+
+
+def lazy_folder(root: str | os.PathLike[str], split: str | None, image_size: int = 224, classes: list[str] | None = None) -> ImageFileDataset:
+    """An :class:`ImageFileDataset` over ``root/split/<class>/`` (class ids by ``classes`` order)."""
+    root = Path(root)
+    base = root / split if split else root
+    if not base.is_dir():
+        raise StreamError(f"Image folder '{base}' does not exist; fix stream.options.path or the data root.")
+    items = _folder_files(root, split)
+    classes = classes or sorted({c for _, c in items})
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({c for _, c in items if c not in index})
+    if unknown:
+        raise StreamError(f"Folder '{base}' has class folders {unknown[:3]} not in the class list; remove them or fix the class list.")
+    return ImageFileDataset([f for f, _ in items], [index[c] for _, c in items], image_size)
+
+
+def read_class_names(path: str | os.PathLike[str], count: int) -> list[str]:
+    """Class names from a text file (one per line) or a JSON list, checked against ``count``."""
+    path = Path(path)
+    if not path.is_file():
+        raise StreamError(f"Class-name file '{path}' does not exist; fix stream.options.class_names_file.")
+    text = path.read_text(encoding="utf-8")
+    names = json.loads(text) if path.suffix == ".json" else [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != count:
+        raise StreamError(f"Class-name file '{path}' lists {len(names)} names for {count} classes; give one name per class, in class-folder order.")
+    return [str(n) for n in names]
