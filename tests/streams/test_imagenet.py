@@ -1,0 +1,62 @@
+"""ImageNet variants: class lists, masks and folder layouts (tiny fake folders)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from driftprompt.engine import StreamError
+from driftprompt.streams.builtin import imagenet_test_time
+from driftprompt.streams.imagenet import class_names, imagenet_classes, imagenet_variant, label_mask, subset_indices
+
+
+def test_class_lists_are_complete_and_consistent():
+    info = imagenet_classes()
+    assert len(info["wnids"]) == 1000 == len(set(info["wnids"])) and info["wnids"] == sorted(info["wnids"])
+    assert len(info["clip_names"]) == 1000 and info["clip_names"][0] == "tench"
+    assert len(info["imagenet_a"]) == 200 and len(info["imagenet_r"]) == 200
+    assert int(label_mask("imagenet_a").sum()) == 200 and int(label_mask("imagenet_v2").sum()) == 1000
+    assert class_names("imagenet_r", "subset")[0] == info["clip_names"][subset_indices("imagenet_r")[0]]
+
+
+def test_class_lists_match_timm_when_available():
+    timm_info = pytest.importorskip("timm.data").ImageNetInfo
+    ours = imagenet_classes()
+    assert ours["wnids"] == list(timm_info().label_names())
+
+
+def _folder(root, names, per=1):
+    for n in names:
+        (root / n).mkdir(parents=True)
+        for k in range(per):
+            Image.new("RGB", (20, 16), (int(n) % 256 if n.isdigit() else 7, 0, 0)).save(root / n / f"{k}.jpg")
+
+
+def test_imagenet_v2_folders_are_numeric_not_lexicographic(tmp_path):
+    _folder(tmp_path / "v2", ["0", "2", "10", "100"])
+    ds = imagenet_variant("imagenet_v2", tmp_path / "v2", image_size=8)
+    by_folder = {f.parent.name: int(t) for f, t in zip(ds.files, ds.targets)}
+    assert by_folder == {"0": 0, "2": 2, "10": 10, "100": 100}
+    assert ds[0][0].shape == (3, 8, 8)
+
+
+def test_imagenet_a_labels_mask_and_stream(tmp_path):
+    wnids = imagenet_classes()["imagenet_a"][:3]
+    _folder(tmp_path / "imagenet-a", wnids, per=2)
+    ds = imagenet_variant("imagenet_a", tmp_path / "imagenet-a", image_size=8, label_space="subset")
+    assert sorted(set(ds.targets.tolist())) == [0, 1, 2]
+    stream = imagenet_test_time("imagenet_a", path=str(tmp_path / "imagenet-a"), image_size=8, batch_size=4)
+    assert stream.num_classes == 1000 and stream.label_mask is not None and int(stream.label_mask.sum()) == 200
+    images, targets, extras = next(stream.batches())
+    assert images.shape == (4, 3, 8, 8) and all(bool(stream.label_mask[t]) for t in targets)
+    assert extras["domain"] == ["imagenet_a"] * 4
+
+
+def test_wrong_folders_are_refused(tmp_path):
+    _folder(tmp_path / "r", ["n99999999"])
+    with pytest.raises(StreamError, match="not an ImageNet WordNet id"):
+        imagenet_variant("imagenet_r", tmp_path / "r")
+    with pytest.raises(StreamError, match="Unknown ImageNet variant"):
+        imagenet_variant("imagenet_z", tmp_path / "r")
+    torch.manual_seed(0)
