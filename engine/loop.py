@@ -255,7 +255,11 @@ class ContinualLoop(_Loop):
         self.hooks.fire(Event.FIT_END, s)
         return self.accuracy
 
-    def _train_experience(self, i: int) -> None:
+    def begin_experience(self, i: int) -> torch.Tensor | None:
+        """Enter experience ``i``: seen classes, ``experience_start``, optimizer and schedule.
+
+        Returns the mask of classes the head may predict while training it.
+        """
         s, cfg = self.state, self.config
         exp = self.stream[i]
         s.experience = exp
@@ -270,7 +274,12 @@ class ContinualLoop(_Loop):
         self._saved_optimizer = None
         steps = cfg.train.epochs * math.ceil(len(exp.train) / cfg.train.batch_size)
         self.scheduler = cosine_schedule(s.optimizer, steps) if cfg.train.scheduler == "cosine" and s.optimizer is not None else None
-        seen = self._allowed(s.seen_classes)
+        return self._allowed(s.seen_classes)
+
+    def _train_experience(self, i: int) -> None:
+        s, cfg = self.state, self.config
+        exp = self.stream[i]
+        seen = self.begin_experience(i)
         if s.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(s.device)
         started = time.perf_counter()
@@ -283,15 +292,10 @@ class ContinualLoop(_Loop):
             batches = _batches(exp.train, cfg.train.batch_size, True, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
             for b, (images, targets, extras) in enumerate(self._bar(batches, math.ceil(len(exp.train) / cfg.train.batch_size), f"exp {i} epoch {epoch}")):
                 s.batch_index = b
-                self._set_batch(images, targets, extras)
                 images_seen += images.shape[0]
-                self.hooks.fire(Event.BATCH_START, s)
-                self._forward(seen)
-                if s.optimizer is not None:
-                    self._optimize(cfg.train.grad_clip)
+                if self.train_step(images, targets, extras, seen) is not None:
                     loss_sum += s.loss.detach()  # type: ignore[union-attr]
                     n_batches += 1
-                self.hooks.fire(Event.BATCH_END, s)
                 if s.stop:
                     break
             self.hooks.fire(Event.EPOCH_END, s)
@@ -313,20 +317,41 @@ class ContinualLoop(_Loop):
             self.logger.log("experience", s.step, **self.timings[-1], accuracy=[None if math.isnan(v) else float(v) for v in row], **self.accuracy.summary(self.baseline))
             self.logger.log_accuracy_matrix(self.accuracy.values, s.step)
 
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, extras: dict[str, Any], allowed: torch.Tensor | None) -> torch.Tensor | None:
+        """One training batch, from ``batch_start`` to ``batch_end``; returns the loss (or None).
+
+        ``allowed`` is the mask of classes the head may predict (see ``_allowed``). Public so
+        that benchmarks time exactly the path a run takes.
+        """
+        s = self.state
+        self._set_batch(images, targets, extras)
+        self.hooks.fire(Event.BATCH_START, s)
+        self._forward(allowed)
+        if s.optimizer is not None:
+            self._optimize(self.config.train.grad_clip)
+        self.hooks.fire(Event.BATCH_END, s)
+        return s.loss
+
+    def eval_step(self, images: torch.Tensor, targets: torch.Tensor, extras: dict[str, Any], allowed: torch.Tensor | None) -> torch.Tensor:
+        """One evaluation batch (``eval_batch_start`` to ``eval_batch_end``) without autograd; returns logits."""
+        s = self.state
+        with torch.no_grad():
+            self._set_batch(images, targets, extras)
+            self.hooks.fire(Event.EVAL_BATCH_START, s)
+            logits = self._forward(allowed)
+            self.hooks.fire(Event.EVAL_BATCH_END, s)
+        return logits
+
     def _eval_accuracy(self, exp: Any, allowed: torch.Tensor | None) -> float:
         s, cfg = self.state, self.config
         s.eval_experience = exp
         correct = torch.zeros((), dtype=torch.long, device=s.device)
         total = 0
-        with torch.no_grad():
-            for b, (images, targets, extras) in enumerate(_batches(exp.test, cfg.eval.batch_size, False, None, cfg.train.num_workers)):
-                s.batch_index = b
-                self._set_batch(images, targets, extras)
-                self.hooks.fire(Event.EVAL_BATCH_START, s)
-                logits = self._forward(allowed)
-                correct += (logits.argmax(dim=1) == s.targets).sum()
-                total += images.shape[0]
-                self.hooks.fire(Event.EVAL_BATCH_END, s)
+        for b, (images, targets, extras) in enumerate(_batches(exp.test, cfg.eval.batch_size, False, None, cfg.train.num_workers)):
+            s.batch_index = b
+            logits = self.eval_step(images, targets, extras, allowed)
+            correct += (logits.argmax(dim=1) == s.targets).sum()
+            total += images.shape[0]
         return 100.0 * float(correct) / max(total, 1)
 
     def _evaluate(self, i: int) -> None:

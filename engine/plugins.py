@@ -168,17 +168,23 @@ def discover(extra_modules: Iterable[str] = (), entry_points: bool = True) -> Re
     return registry
 
 
-def instantiate(entry: Registered, options: dict[str, Any], kind: str = "strategy") -> Any:
-    """Call a registered class or builder with config options, checking option names first."""
+def check_options(entry: Registered, options: dict[str, Any], kind: str = "strategy") -> None:
+    """Raise a ConfigError naming the allowed options if ``options`` has a name the entry lacks."""
     try:
         sig = inspect.signature(entry.obj)
     except (TypeError, ValueError):
-        sig = None
-    if sig is not None and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        allowed = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        for key in options:
-            if key not in allowed:
-                raise ConfigError(f"{kind.capitalize()} '{entry.name}' has no option '{key}'; its options are: {', '.join(allowed) or 'none'}.")
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    allowed = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(f"{kind.capitalize()} '{entry.name}' has no option '{key}'; its options are: {', '.join(allowed) or 'none'}.")
+
+
+def instantiate(entry: Registered, options: dict[str, Any], kind: str = "strategy") -> Any:
+    """Call a registered class or builder with config options, checking option names first."""
+    check_options(entry, options, kind)
     try:
         return entry.obj(**options)
     except DriftpromptError:

@@ -99,8 +99,16 @@ def test_a_run_dir_with_a_checkpoint_is_not_overwritten(tmp_path, make_config):
         build(make_config(), run_dir=tmp_path / "run")
 
 
-def test_every_shipped_config_validates():
+def test_every_shipped_config_validates_with_known_strategy_and_stream_options():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
-        load_config(path)
+    from driftprompt.engine.plugins import check_options, discover
+
+    registry = discover()
+    paths = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        config = load_config(path)
+        check_options(registry.stream(config.stream.name), config.stream.options, "stream")
+        for spec in config.strategies:
+            check_options(registry.strategy(spec.name), spec.options)
