@@ -17,13 +17,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 from driftprompt.engine.errors import StreamError
 from driftprompt.engine.hookspecs import hookimpl
 
-from .base import Stream, TensorImageDataset
+from .base import Stream, TensorImageDataset, targets_of
 from .corruptions import CORRUPTIONS, check_corruption, corrupt
-from .folders import read_class_names, read_folder, read_tar
+from .folders import files_of, lazy_splits, read_class_names, read_folder, read_tar, stratified_split
 from .imagenet import class_names as imagenet_class_names
 from .imagenet import imagenet_variant, label_mask, subset_indices
 from .scenarios import SCENARIOS, blurry, domain_incremental, online, shuffle_within, task_incremental
@@ -49,8 +50,8 @@ def synthetic_class_incremental(
 
 
 def make_scenario(
-    train: TensorImageDataset,
-    test: TensorImageDataset,
+    train: Dataset,
+    test: Dataset,
     class_names: Sequence[str],
     name: str,
     scenario: str = "class_incremental",
@@ -79,7 +80,7 @@ def make_scenario(
         online_pass: single pass in arrival order (the order is fixed by ``seed``).
         boundaries: expose experience boundaries (only meaningful with ``online_pass``).
     """
-    width = len(class_names) or int(train.targets.max()) + 1
+    width = len(class_names) or int(targets_of(train).max()) + 1
     if scenario == "class_incremental":
         stream = class_incremental(train, test, n_experiences, class_order=class_order, seed=seed, class_names=class_names, num_classes=width, name=name)
     elif scenario == "task_incremental":
@@ -153,7 +154,9 @@ def image_folder(
     root: str | None = None,
     train_split: str = "train",
     test_split: str = "test",
+    test_fraction: float = 0.2,
     image_size: int | None = None,
+    in_memory: bool | None = None,
     per_class: int | None = None,
     test_per_class: int | None = None,
     class_names_file: str | None = None,
@@ -170,10 +173,29 @@ def image_folder(
     online_pass: bool = False,
     boundaries: bool = True,
 ) -> Stream:
-    """An image folder (<split>/<class>/<image>) decoded into memory and cut into a continual scenario."""
+    """An image folder (<split>/<class>/<image>, or <class>/<image> split by test_fraction) cut into a continual scenario.
+
+    ``in_memory`` (default: when there are at most 20,000 images or ``image_size`` <= 64)
+    decodes everything once; otherwise images are decoded per batch from the files (use
+    ``train.num_workers`` for parallel decoding; blurry and domain-incremental scenarios need
+    ``in_memory: true``).
+    """
     folder = resolve_path(path, root, "path")
-    parts, names = read_folder(folder, (train_split, test_split), per_class, image_size, cache_dir)
-    train, test = _limit(parts[train_split], parts[test_split], per_class, test_per_class, seed)
+    flat = not (folder / train_split).is_dir() and not (folder / test_split).is_dir()
+    splits: tuple[str | None, ...] = (None,) if flat else (train_split, test_split)
+    n_files = sum(len(files_of(folder, s)) for s in splits)
+    if in_memory is None:
+        in_memory = n_files <= 20_000 or (image_size is not None and image_size <= 64)
+    if in_memory:
+        parts, names = read_folder(folder, splits, None if flat else per_class, image_size, cache_dir)
+        if flat:
+            train_pos, test_pos = stratified_split(parts[None].targets, test_fraction, seed)
+            train, test = parts[None].subset(train_pos), parts[None].subset(test_pos)
+        else:
+            train, test = parts[train_split], parts[test_split]
+        train, test = _limit(train, test, per_class, test_per_class, seed)
+    else:
+        train, test, names = lazy_splits(folder, splits, test_fraction, image_size or 224, per_class, test_per_class, seed)
     return make_scenario(train, test, _names(names, class_names_file, root), folder.name, scenario, n_experiences, class_order, seed, leak, disjoint_fraction, domains, severity, share_samples, online_pass, boundaries)
 
 

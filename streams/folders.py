@@ -202,6 +202,53 @@ def _folder_files(root: Path, split: str | None) -> list[tuple[Path, str]]:
     return items
 
 
+def files_of(root: Path, split: str | None) -> list[tuple[Path, str]]:
+    """Image files and their class folder names under ``root[/split]/<class>/``."""
+    base = root / split if split else root
+    if not base.is_dir():
+        raise StreamError(f"Image folder '{base}' does not exist; use the layout <split>/<class>/<image> or <class>/<image>.")
+    return _folder_files(root, split)
+
+
+def stratified_split(targets: torch.Tensor, test_fraction: float, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of a per-class random split: ``round(test_fraction * n_c)`` of each class go to test."""
+    if not 0.0 < test_fraction < 1.0:
+        raise StreamError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}; e.g. 0.2.")
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    train, test = [], []
+    for c in torch.unique(targets).tolist():
+        pos = torch.nonzero(targets == c).flatten()
+        pos = pos[torch.randperm(len(pos), generator=gen)]
+        k = round(test_fraction * len(pos))
+        test.append(pos[:k])
+        train.append(pos[k:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def lazy_splits(
+    root: Path, splits: Sequence[str | None], test_fraction: float, image_size: int, per_class: int | None, test_per_class: int | None, seed: int
+) -> tuple[ImageFileDataset, ImageFileDataset, list[str]]:
+    """Train and test :class:`ImageFileDataset` of a folder (split folders, or a stratified split of a flat one)."""
+    classes = folder_classes(root, splits)
+    index = {c: i for i, c in enumerate(classes)}
+
+    def build(items: list[tuple[Path, str]], limit: int | None) -> ImageFileDataset:
+        counts: dict[str, int] = {}
+        kept = []
+        for f, c in items:
+            if limit is None or counts.get(c, 0) < limit:
+                kept.append((f, c))
+                counts[c] = counts.get(c, 0) + 1
+        return ImageFileDataset([f for f, _ in kept], [index[c] for _, c in kept], image_size)
+
+    test_limit = test_per_class if test_per_class is not None else per_class
+    if len(splits) == 2:
+        return build(files_of(root, splits[0]), per_class), build(files_of(root, splits[1]), test_limit), classes
+    items = files_of(root, None)
+    train_pos, test_pos = stratified_split(torch.tensor([index[c] for _, c in items]), test_fraction, seed)
+    return build([items[i] for i in train_pos.tolist()], per_class), build([items[i] for i in test_pos.tolist()], test_limit), classes
+
+
 def folder_splits(root: Path) -> list[str]:
     """The split folders (train, test, val, ...) directly under ``root``; empty when none."""
     return [s for s in SPLIT_NAMES if (root / s).is_dir()]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from driftprompt.engine import StreamError
-from driftprompt.streams import from_arrays, resolve_path, torchvision_dataset
+from driftprompt.streams import from_arrays, iterate, resolve_path, torchvision_dataset
 from driftprompt.streams.builtin import image_folder, image_tar
 from driftprompt.streams.folders import read_tar
 
@@ -102,9 +102,23 @@ def test_missing_data_errors_name_the_option(tmp_path, monkeypatch):
         resolve_path("nowhere.tar.gz")
     with pytest.raises(StreamError, match="Unknown torchvision dataset 'imagenet9'"):
         torchvision_dataset("imagenet9", tmp_path)
-    with pytest.raises(StreamError, match="no 'train' subfolder"):
+    with pytest.raises(StreamError, match="has no class subfolders"):
         image_folder(str(tmp_path))
     bad = tmp_path / "broken.tar.gz"
     bad.write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(StreamError, match="not a readable tar archive"):
         read_tar(bad)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_flat_folder_is_split_per_class_in_memory_or_lazily(tmp_path, in_memory):
+    for cls in ("c0", "c1", "c2", "c3"):
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        for k in range(5):
+            Image.new("RGB", (9, 9), (k * 40, 0, 0)).save(tmp_path / "flat" / cls / f"{k}.png")
+    stream = image_folder(str(tmp_path / "flat"), image_size=8, in_memory=in_memory, n_experiences=2, seed=None)
+    assert [e.classes for e in stream] == [[0, 1], [2, 3]]
+    train_ids = {int(i) for e in stream for _, _, x in iterate(e.train, 4) for i in x["index"]}
+    assert len(train_ids) == 16 and sum(len(e.test) for e in stream) == 4  # round(0.2 * 5) = 1 per class
+    images, _, _ = next(iterate(stream[0].test, 4))
+    assert images.shape[1:] == (3, 8, 8)
