@@ -284,12 +284,15 @@ class ContinualLoop(_Loop):
             torch.cuda.reset_peak_memory_stats(s.device)
         started = time.perf_counter()
         images_seen = 0
-        for epoch in self._bar(range(cfg.train.epochs), cfg.train.epochs, f"exp {i} epochs"):
+        # An online stream is a single pass in arrival order, whatever train.epochs says.
+        online = bool(getattr(self.stream, "online", False))
+        epochs = 1 if online else cfg.train.epochs
+        for epoch in self._bar(range(epochs), epochs, f"exp {i} epochs"):
             s.epoch = epoch
             self.hooks.fire(Event.EPOCH_START, s)
             loss_sum = torch.zeros((), device=s.device)
             n_batches = 0
-            batches = _batches(exp.train, cfg.train.batch_size, True, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
+            batches = _batches(exp.train, cfg.train.batch_size, not online, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
             for b, (images, targets, extras) in enumerate(self._bar(batches, math.ceil(len(exp.train) / cfg.train.batch_size), f"exp {i} epoch {epoch}")):
                 s.batch_index = b
                 images_seen += images.shape[0]
@@ -360,9 +363,13 @@ class ContinualLoop(_Loop):
         s.phase = "eval"
         self.hooks.fire(Event.EVAL_START, s)
         last = len(self.stream) if cfg.eval.future else i + 1
+        task_incremental = getattr(self.stream, "scenario", "") == "task_incremental"
         for j in range(last):
             exp = self.stream[j]
-            classes = s.seen_classes if j <= i else s.seen_classes + exp.classes
+            if task_incremental:  # the task id is known at test time: predict among its classes
+                classes = exp.classes
+            else:
+                classes = s.seen_classes if j <= i else s.seen_classes + exp.classes
             self.accuracy.set(i, j, self._eval_accuracy(exp, self._allowed(classes)))
         s.eval_experience = None
         s.phase = "train"
