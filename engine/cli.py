@@ -23,7 +23,8 @@ driftprompt: continual and test-time prompt learning on frozen ViT and CLIP back
   driftprompt CONFIG.yaml [k=v ...]   run a config; overrides use dotted keys, values are YAML:
                                         train.epochs=3  strategies=[ncm]  strategies.0.mask_current=true
   driftprompt --resume RUN_DIR        continue a killed run after its last finished experience
-  driftprompt plugins                 list every strategy and stream, and where it comes from
+  driftprompt plugins [CONFIG.yaml]   list every strategy and stream, and where it comes from
+                                      (with a config: its plugin_modules too)
 
 Each run writes RUN_DIR/config.yaml (resolved), metrics.jsonl, tensorboard/, checkpoint.pt
 (after every experience, written atomically) and summary.json.
@@ -65,8 +66,9 @@ def _print_result(summaries: list[dict[str, Any]]) -> None:
     print(side_by_side(blocks, gap=6))
 
 
-def cmd_plugins() -> int:
-    registry = discover()
+def cmd_plugins(config_path: str | None = None) -> int:
+    modules = load_config(config_path).plugin_modules if config_path else []
+    registry = discover(modules)
     rows = [("kind", "name", "from", "description")]
     rows += [("strategy", e.name, f"{e.source} {e.version}".strip(), e.summary) for e in sorted(registry.strategies.values(), key=lambda e: e.name)]
     rows += [("stream", e.name, f"{e.source} {e.version}".strip(), e.summary) for e in sorted(registry.streams.values(), key=lambda e: e.name)]
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:
             return cmd_resume(args.resume, items)
         if items[:1] == ["plugins"]:
-            return cmd_plugins()
+            return cmd_plugins(items[1] if len(items) > 1 else None)
         if not items:
             return cmd_demo(args.run_dir)
         config_path = None if "=" in items[0] else items[0]

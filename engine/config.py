@@ -83,7 +83,6 @@ class RunConfig(_Strict):
     """Everything one run needs; the resolved copy is saved as ``config.yaml`` in the run dir."""
 
     name: str = "run"
-    mode: Literal["continual", "test_time"] = "continual"
     seed: int = 0
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -19,7 +19,7 @@ from .errors import CheckpointError, PluginError
 from .events import Event
 from .hookspecs import hookimpl
 from .metrics import AccuracyMatrix
-from .optim import build_optimizer, merge_param_groups
+from .optim import build_optimizer, load_optimizer_state_by_name, merge_param_groups, optimizer_state_by_name
 from .plugins import Hooks
 from .runtime import autocast, data_generator
 from .state import State
@@ -33,7 +33,7 @@ class EngineDefaults:
         """Backbone (with the strategies' prompts) then the linear head."""
         if state.head is None:
             raise PluginError("No strategy produced logits and the run has no head; add a classifier strategy such as 'finetune' or 'ncm'.")
-        if state.prompts.empty:
+        if state.prompts.empty and not state.backbone_trainable:
             state.features = state.compute_query()
         else:
             state.features = state.backbone(state.inputs, state.prompts)
@@ -125,6 +125,11 @@ class _Loop:
         self.hooks.fire(Event.AFTER_LOSS, s)
         self.hooks.fire(Event.BEFORE_BACKWARD, s)
         assert s.loss is not None
+        if not s.loss.requires_grad:
+            raise PluginError(
+                f"The loss terms {sorted(terms)} do not depend on any trainable parameter (declared groups: "
+                f"{[g['name'] for g in s.param_groups]}); a strategy's loss must use the parameters it declares, or the forward that uses them."
+            )
         s.loss.backward()
         self.hooks.fire(Event.AFTER_BACKWARD, s)
         self.hooks.fire(Event.BEFORE_OPTIMIZER_STEP, s)
@@ -155,6 +160,8 @@ class _Loop:
         s = self.state
         groups = self.hooks.trainable_parameters(s)
         s.param_groups = groups
+        # adapters (LoRA and the like) live inside the backbone: its forward then needs autograd
+        s.backbone_trainable = any(p.requires_grad for p in s.backbone.parameters())
         if s.optimizer is not None and not reset:
             merge_param_groups(s.optimizer, groups)
         elif s.optimizer is None and groups:
@@ -199,7 +206,7 @@ class ContinualLoop(_Loop):
             "seen_classes": list(s.seen_classes),
             "head": s.head.state_dict() if s.head is not None else None,
             "strategies": {name: plugin.state_dict() for name, plugin in self.strategies if hasattr(plugin, "state_dict")},
-            "optimizer": s.optimizer.state_dict() if s.optimizer is not None else None,
+            "optimizer": optimizer_state_by_name(s.optimizer) if s.optimizer is not None else None,
             "rng": rng_state(),
             "metrics": {"accuracy": self.accuracy.to_list(), "baseline": self.baseline, "timings": self.timings},
         }
@@ -270,7 +277,7 @@ class ContinualLoop(_Loop):
         self.hooks.fire(Event.EXPERIENCE_START, s)
         self._build_optimizer(cfg.train.optimizer, cfg.train.reset_optimizer)
         if self._saved_optimizer is not None and s.optimizer is not None and not cfg.train.reset_optimizer:
-            s.optimizer.load_state_dict(self._saved_optimizer)
+            load_optimizer_state_by_name(s.optimizer, self._saved_optimizer)
         self._saved_optimizer = None
         steps = cfg.train.epochs * math.ceil(len(exp.train) / cfg.train.batch_size)
         self.scheduler = cosine_schedule(s.optimizer, steps) if cfg.train.scheduler == "cosine" and s.optimizer is not None else None

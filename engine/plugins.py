@@ -10,7 +10,7 @@ registered with a fresh run plugin manager together with the engine's defaults. 
 plugin therefore never changes a run that did not ask for it.
 
 ``DRIFTPROMPT_BLOCK_PLUGINS`` (comma-separated entry-point or distribution names) keeps
-named external plugins from being imported at all.
+the named plugins, built-in ones included, from being imported at all.
 """
 
 from __future__ import annotations
@@ -126,16 +126,19 @@ def discover(extra_modules: Iterable[str] = (), entry_points: bool = True) -> Re
             if ep.name in blocked or dist in blocked:
                 registry.blocked.append(f"{ep.name} ({dist})")
                 continue
-            if ep.name in sources:
+            key = f"{dist}:{ep.name}"
+            if key in sources:
                 continue  # the same distribution seen twice on sys.path
             try:
                 module = ep.load()
-                pm.register(module, name=ep.name)
+                if pm.is_registered(module):
+                    continue  # one module announced under two names
+                pm.register(module, name=key)
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not break other runs
                 registry.broken[f"{ep.name} ({dist})"] = f"{type(exc).__name__}: {exc}"
                 log.warning("Plugin '%s' from '%s' failed to load and is skipped (%s: %s); set %s=%s to silence this.", ep.name, dist, type(exc).__name__, exc, BLOCK_ENV, ep.name)
                 continue
-            sources[ep.name] = (dist, version)
+            sources[key] = (dist, version)
     for spec in extra_modules:
         module = _import_local(spec)
         name = f"local:{spec}"

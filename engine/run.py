@@ -15,7 +15,7 @@ from torch import nn
 from .backbones import ViTBackbone
 from .checkpoint import CHECKPOINT_NAME, load
 from .config import RunConfig, dump_config, load_config
-from .errors import CheckpointError, ConfigError, StreamError
+from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError, StreamError
 from .loggers import RunLogger
 from .loop import ContinualLoop, EngineDefaults, TestTimeLoop
 from .plugins import Hooks, Registry, discover, instantiate
@@ -28,7 +28,14 @@ log = logging.getLogger(__name__)
 def build_stream(config: RunConfig, registry: Registry) -> Any:
     """Call the registered stream builder named by ``config.stream``."""
     entry = registry.stream(config.stream.name)
-    stream = instantiate(entry, dict(config.stream.options), kind="stream")
+    try:
+        stream = instantiate(entry, dict(config.stream.options), kind="stream")
+    except DriftpromptError:
+        raise
+    except Exception as exc:
+        err = PluginError(f"Stream '{config.stream.name}' from '{entry.source}' failed while building: {type(exc).__name__}: {exc}")
+        err.show_traceback = True  # type: ignore[attr-defined]
+        raise err from exc
     if not hasattr(stream, "experiences") or len(stream) == 0:
         raise StreamError(f"Stream builder '{config.stream.name}' returned no experiences; check its options.")
     return stream

@@ -15,13 +15,16 @@ from .errors import ConfigError
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; an unavailable device is a config error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # an explicit index, so that device comparisons (cuda vs cuda:0) behave
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"Config key 'device': '{name}' is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("Config key 'device' asks for CUDA but no GPU is visible; use device=cpu or device=auto.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -42,6 +42,8 @@ class State:
         logits, loss, loss_terms: outputs of the forward and loss stages.
         optimizer: the optimizer of the current experience or test sample.
         param_groups: the described parameter groups the optimizer was built from.
+        backbone_trainable: some parameter inside the backbone trains (an adapter), so the
+            default forward keeps autograd on even without prompts.
         metrics: figures of the run so far (accuracy matrix, online accuracy, timings).
         plugin_state: free space for strategies, keyed by strategy name.
         stop: set to ``True`` to end the current loop after the current batch or sample.
@@ -73,6 +75,7 @@ class State:
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     param_groups: list[dict[str, Any]] = field(default_factory=list)
+    backbone_trainable: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     plugin_state: dict[str, Any] = field(default_factory=dict)
     stop: bool = False

@@ -32,10 +32,12 @@ class NCM:
         self.counts: torch.Tensor | None = None
 
     def _ensure(self, state: State) -> None:
-        if self.sums is None or self.sums.device != state.device:
+        if self.sums is None or self.counts is None:
             dim = state.backbone.embed_dim
             self.sums = torch.zeros(state.num_classes, dim, device=state.device, dtype=torch.float64)
             self.counts = torch.zeros(state.num_classes, device=state.device, dtype=torch.float64)
+        else:  # restored from a checkpoint (loaded on the CPU): move, never reset
+            self.sums, self.counts = self.sums.to(state.device), self.counts.to(state.device)
 
     @hookimpl
     def batch_start(self, state: State) -> None:

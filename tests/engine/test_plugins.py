@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from driftprompt.engine import ConfigError, PluginError, State, hookimpl
 from driftprompt.engine.cli import main
@@ -244,3 +245,54 @@ def test_a_plugin_stream_is_built_from_the_config(tmp_path, make_config):
     assert summary["accuracy"][0][0] == 100.0  # identical train and test images: the class means are exact
     with pytest.raises(ConfigError, match=r"Stream 'stripes' has no option 'n_exp'; its options are: n_experiences, image_size"):
         build(make_config(plugin_modules=[str(path)], stream={"name": "stripes", "options": {"n_exp": 2}}), run_dir=None)
+
+
+def test_a_loss_that_reaches_no_trainable_parameter_is_explained(make_config):
+    class Detached:
+        @hookimpl
+        def trainable_parameters(self, state):
+            if state.phase == "train":
+                return [{"params": list(state.head.parameters()), "name": "head", "role": "head"}]
+
+        @hookimpl
+        def loss_terms(self, state):
+            return {"ce": torch.nn.functional.cross_entropy(state.logits.detach(), state.targets)}
+
+    run = build(make_config(strategies=["detached"]), run_dir=None, registry=registry_with(detached=Detached))
+    with pytest.raises(PluginError, match=r"loss terms \['ce'\] do not depend on any trainable parameter"):
+        run.fit()
+
+
+def test_an_adapter_inside_the_backbone_gets_gradients(make_config):
+    grads = []
+
+    class NormAdapter:
+        """Trains the backbone's final-norm bias: a stand-in for adapters such as LoRA."""
+
+        @hookimpl
+        def init(self, state):
+            state.backbone.model.norm.bias.requires_grad_(True)
+
+        @hookimpl
+        def trainable_parameters(self, state):
+            if state.phase == "train":
+                return [{"params": [state.backbone.model.norm.bias], "name": "norm_bias", "role": "adapter"}]
+
+        @hookimpl
+        def after_backward(self, state):
+            grads.append(state.backbone.model.norm.bias.grad)
+
+    run = build(make_config(strategies=["finetune", "adapter"]), run_dir=None, registry=registry_with(adapter=NormAdapter))
+    run.fit()
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_same_entry_point_name_in_two_distributions_still_clashes_loudly(third_party):
+    other = third_party / "acme2_strategy.py"
+    other.write_text("from driftprompt.engine import hookimpl\n\n@hookimpl\ndef register_strategies(register):\n    register('scaled', object)\n")
+    info = third_party / "acme_two-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-two\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[driftprompt]\nacme = acme2_strategy\n")
+    with pytest.raises(PluginError, match=r"'scaled' is registered by both 'acme-(prompts|two)' and 'acme-(two|prompts)'"):
+        discover()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from driftprompt.engine import CheckpointError
+from driftprompt.engine import CheckpointError, hookimpl
 from driftprompt.engine.checkpoint import atomic_save, load, rng_state, set_rng_state
 
 from ..conftest import tiny_config
@@ -115,3 +115,54 @@ def test_rng_state_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(snap)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+class GrowingPrompts:
+    """Adds a parameter group at every experience (like component-wise prompt methods)."""
+
+    def __init__(self) -> None:
+        self.prompts = torch.nn.ParameterList()
+        self.stop_after: int | None = None
+
+    @hookimpl
+    def experience_start(self, state):
+        self.prompts.append(torch.nn.Parameter(torch.zeros(1, state.backbone.embed_dim, device=state.device)))
+
+    @hookimpl
+    def trainable_parameters(self, state):
+        if state.phase == "train":
+            return [{"params": [p], "name": f"grow{i}", "role": "prompt", "layer": 0} for i, p in enumerate(self.prompts)]
+
+    @hookimpl
+    def before_forward(self, state):
+        state.prompts.add_tokens(sum(self.prompts))
+
+    @hookimpl
+    def experience_end(self, state):
+        if self.stop_after == state.experience.index:
+            state.stop = True
+
+    def state_dict(self):
+        return {"prompts": [p.detach() for p in self.prompts]}
+
+    def load_state_dict(self, state):
+        self.prompts = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in state["prompts"]])
+
+
+def test_resume_with_a_kept_optimizer_and_growing_parameter_groups(tmp_path, make_config):
+    from driftprompt.engine.run import build, resume
+
+    from ..conftest import registry_with
+
+    registry = registry_with(grow=GrowingPrompts)
+    stream = {"name": "synthetic", "options": {"num_classes": 6, "n_experiences": 3, "train_per_class": 8, "test_per_class": 4, "image_size": 16}}
+    cfg = make_config(strategies=["finetune", "grow"], stream=stream, train={"epochs": 2, "batch_size": 8, "reset_optimizer": False})
+    with build(cfg, run_dir=tmp_path / "full", registry=registry) as run:
+        full = run.fit()
+    with build(cfg, run_dir=tmp_path / "cut", registry=registry) as run:
+        dict(run.strategies)["grow"].stop_after = 0
+        run.fit()
+    with resume(tmp_path / "cut", registry=registry) as run:
+        assert run.loop.start == 1
+        resumed = run.fit()
+    assert resumed["accuracy"] == full["accuracy"]
