@@ -121,7 +121,7 @@ def cmd_resume(run_dir: str, extra: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python launch.py`` and ``driftprompt``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     items = list(args.items)
     try:

@@ -112,3 +112,11 @@ def test_every_shipped_config_validates_with_known_strategy_and_stream_options()
         check_options(registry.stream(config.stream.name), config.stream.options, "stream")
         for spec in config.strategies:
             check_options(registry.strategy(spec.name), spec.options)
+
+
+def test_cli_accepts_options_between_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(log={"tensorboard": False, "progress": False})))
+    assert main([str(path), "-q", "train.epochs=1", "--run-dir", str(tmp_path / "run"), "strategies=[ncm]"]) == 0
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert [s.name for s in saved.strategies] == ["ncm"] and saved.train.epochs == 1
