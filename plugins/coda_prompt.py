@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from driftprompt.engine import ConfigError, State, hookimpl
-from driftprompt.engine.loop import cross_entropy, mask_to_current_experience
+from driftprompt.engine.loop import cross_entropy
+
+from .base import PromptStrategy
 
 
 # --- pure functions ---------------------------------------------------------------------
@@ -75,7 +77,7 @@ def ortho_penalty(x: torch.Tensor) -> torch.Tensor:
 # --- the strategy -----------------------------------------------------------------------
 
 
-class CODAPrompt:
+class CODAPrompt(PromptStrategy):
     """Attention-weighted prompt components, expanded per experience, as attention prefixes.
 
     Args:
@@ -91,9 +93,9 @@ class CODAPrompt:
             raise ConfigError(f"coda_prompt prompt_length must be an even number of at least 2 (half keys, half values), got {prompt_length}.")
         if pool_size < 1 or not layers:
             raise ConfigError("coda_prompt needs a pool_size of at least 1 and at least one block in layers.")
+        super().__init__()
         self.pool_size, self.prompt_length, self.layers = pool_size, prompt_length, [int(i) for i in layers]
         self.ortho_mu, self.train_mask = ortho_mu, train_mask
-        self.params = nn.ParameterDict()
         self.per_experience = 0
         self.active = 0  # components in use: [0, active)
         self.first_trainable = 0  # components [first_trainable, active) are trained now
@@ -155,11 +157,6 @@ class CODAPrompt:
         self._ortho = torch.stack(ortho).sum() if ortho else None
 
     @hookimpl
-    def before_loss(self, state: State) -> None:
-        if self.train_mask:
-            mask_to_current_experience(state)
-
-    @hookimpl
     def loss_terms(self, state: State) -> dict[str, torch.Tensor] | None:
         if state.phase != "train":
             return None
@@ -168,13 +165,10 @@ class CODAPrompt:
             terms["ortho"] = self.ortho_mu * self._ortho
         return terms
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"params": {k: v.detach() for k, v in self.params.items()}, "active": self.active, "first_trainable": self.first_trainable}
+    def extra_state(self) -> dict[str, Any]:
+        return {"active": self.active, "first_trainable": self.first_trainable}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                self.params[k].copy_(v)
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.active, self.first_trainable = state["active"], state["first_trainable"]
 
 

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from driftprompt.engine import ConfigError, State, hookimpl
-from driftprompt.engine.loop import cross_entropy, mask_to_current_experience
+from driftprompt.engine.loop import cross_entropy
 
+from .base import PromptStrategy
 from .l2p import pull_loss, select_prompts
 
 
-class DualPrompt:
+class DualPrompt(PromptStrategy):
     """G-prompt plus key-matched E-prompts, both as attention prefixes.
 
     Args:
@@ -65,10 +66,10 @@ class DualPrompt:
         overlap = sorted(set(g_layers) & set(e_layers))
         if overlap:
             raise ConfigError(f"dualprompt g_layers and e_layers overlap at {overlap}; give each block to one kind of prompt.")
+        super().__init__()
         self.g_length, self.g_layers = g_length, [int(i) for i in g_layers]
         self.e_pool_size, self.e_length, self.e_layers = e_pool_size, e_length, [int(i) for i in e_layers]
         self.pull_coeff, self.prompt_mask, self.train_mask, self.lr = pull_coeff, prompt_mask, train_mask, lr
-        self.params = nn.ParameterDict()
         self._idx: torch.Tensor | None = None
 
     @hookimpl
@@ -92,9 +93,7 @@ class DualPrompt:
     def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
         if state.phase != "train":
             return None
-        extra: dict[str, Any] = {}
-        if self.lr is not None and state.config is not None:
-            extra["lr"] = self.lr * state.config.train.batch_size / 256.0
+        extra = self.scaled_lr(self.lr, state)
         groups = [
             {"params": [self.params["e"]], "name": "dualprompt.e", "role": "prefix", "layer": list(self.e_layers), **extra},
             {"params": [self.params["e_keys"]], "name": "dualprompt.e_keys", "role": "key", **extra},
@@ -124,24 +123,11 @@ class DualPrompt:
             state.prompts.add_prefix(layer, e[j, 0][idx[:, 0]], e[j, 1][idx[:, 0]])
 
     @hookimpl
-    def before_loss(self, state: State) -> None:
-        if self.train_mask:
-            mask_to_current_experience(state)
-
-    @hookimpl
     def loss_terms(self, state: State) -> dict[str, torch.Tensor] | None:
         if state.phase != "train":
             return None
         assert self._idx is not None
         return {"ce": cross_entropy(state), "pull": self.pull_coeff * pull_loss(self.params["e_keys"], state.compute_query(), self._idx)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"params": {k: v.detach() for k, v in self.params.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                self.params[k].copy_(v)
 
 
 @hookimpl

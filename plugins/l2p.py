@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from driftprompt.engine import ConfigError, State, hookimpl
-from driftprompt.engine.loop import cross_entropy, mask_to_current_experience
+from driftprompt.engine.loop import cross_entropy
+
+from .base import PromptStrategy
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def gather_prompts(prompts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 # --- the strategy -----------------------------------------------------------------------
 
 
-class L2P:
+class L2P(PromptStrategy):
     """L2P: a pool of key-matched prompts inserted as tokens at layer 0.
 
     Args:
@@ -129,11 +131,11 @@ class L2P:
             raise ConfigError(f"l2p head {head!r} does not exist; use one of {', '.join(HEADS)}.")
         if batchwise_selection:
             log.warning("l2p batchwise_selection=True: a test batch drawn from one experience votes for that experience's prompts, which leaks task identity.")
+        super().__init__()
         self.pool_size, self.prompt_length, self.top_k = pool_size, prompt_length, top_k
         self.pull_coeff, self.head, self.train_mask = pull_coeff, head, train_mask
         self.diversify, self.batchwise_selection = diversify, batchwise_selection
         self.prompt_pos_embed, self.lr = prompt_pos_embed, lr
-        self.params = nn.ParameterDict()
         self.counts: torch.Tensor | None = None  # selections per prompt, all training so far
         self.frequency: torch.Tensor | None = None  # normalised counts up to the previous experience
         self._idx: torch.Tensor | None = None
@@ -158,9 +160,7 @@ class L2P:
     def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
         if state.phase != "train":
             return None
-        extra: dict[str, Any] = {}
-        if self.lr is not None and state.config is not None:
-            extra["lr"] = self.lr * state.config.train.batch_size / 256.0
+        extra = self.scaled_lr(self.lr, state)
         groups = [
             {"params": [self.params["prompts"]], "name": "l2p.prompts", "role": "prompt", "layer": 0, **extra},
             {"params": [self.params["prompt_keys"]], "name": "l2p.keys", "role": "key", **extra},
@@ -188,24 +188,16 @@ class L2P:
             state.prompts.pool = "prompt_mean"
 
     @hookimpl
-    def before_loss(self, state: State) -> None:
-        if self.train_mask:
-            mask_to_current_experience(state)
-
-    @hookimpl
     def loss_terms(self, state: State) -> dict[str, torch.Tensor] | None:
         if state.phase != "train":
             return None
         assert self._idx is not None
         return {"ce": cross_entropy(state), "pull": self.pull_coeff * pull_loss(self.params["prompt_keys"], state.compute_query(), self._idx)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"params": {k: v.detach() for k, v in self.params.items()}, "counts": self.counts, "frequency": self.frequency}
+    def extra_state(self) -> dict[str, Any]:
+        return {"counts": self.counts, "frequency": self.frequency}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                self.params[k].copy_(v)
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.counts, self.frequency = state["counts"], state["frequency"]
 
 

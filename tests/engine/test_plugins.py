@@ -14,7 +14,6 @@ import torch
 
 from driftprompt.engine import ConfigError, PluginError, State, hookimpl
 from driftprompt.engine.cli import main
-from driftprompt.engine.config import validate
 from driftprompt.engine.plugins import BLOCK_ENV, discover
 from driftprompt.engine.run import build
 
