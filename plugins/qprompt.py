@@ -62,7 +62,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from driftprompt.engine import BackboneError, ConfigError, Prompts, State, hookimpl
-from driftprompt.engine.loop import cross_entropy, mask_to_current_experience
+from driftprompt.engine.loop import cross_entropy
+
+from .base import PromptStrategy
 
 NAME = "qprompt"
 
@@ -177,7 +179,7 @@ class StatisticsNetwork(nn.Module):
 # --- the strategy -----------------------------------------------------------------------
 
 
-class QPrompt:
+class QPrompt(PromptStrategy):
     """Q-Tuning for ViT: a capped queue of per-experience prompts, a shared prefix and MR.
 
     Args:
@@ -217,12 +219,13 @@ class QPrompt:
             raise ConfigError(f"qprompt encoder_hidden must be at least 1 (or null for half the width), got {encoder_hidden}.")
         if float(mr_coeff) < 0 or int(mine_hidden) < 1 or not 0 < float(mine_ema) <= 1:
             raise ConfigError(f"qprompt needs mr_coeff >= 0, mine_hidden >= 1 and 0 < mine_ema <= 1, got {mr_coeff}, {mine_hidden}, {mine_ema}.")
+        super().__init__()  # self.params holds the run-long prefix
         self.prompt_length, self.capacity, self.prefix_length = prompt_length, capacity, prefix_length
         self.encoder_hidden = None if encoder_hidden is None else int(encoder_hidden)
         self.mr_coeff, self.mine_hidden, self.mine_ema = float(mr_coeff), int(mine_hidden), float(mine_ema)
         self.mr_after_eviction_only, self.train_mask = bool(mr_after_eviction_only), bool(train_mask)
         self.lr = None if lr is None else float(lr)
-        self.params = nn.ParameterDict()  # prefix (run-long); prompt, u, v (this experience)
+        self.current = nn.ParameterDict()  # this experience's prompt and aggregation vectors u, v
         self.encoder: ResidualPromptEncoder | None = None
         self.critic: StatisticsNetwork | None = None
         self.queue: torch.Tensor | None = None  # frozen tokens of earlier experiences, (Lf, D)
@@ -257,9 +260,9 @@ class QPrompt:
     def _new_experience_parts(self, queue_tokens: int) -> None:
         """A fresh prompt, encoder and aggregation vectors for a Q-prompt of queue_tokens + l tokens."""
         dev = self.device
-        self.params["prompt"] = nn.Parameter(torch.empty(self.prompt_length, self.dim, device=dev).uniform_(-1, 1))
-        self.params["u"] = nn.Parameter(torch.ones(queue_tokens + self.prompt_length, device=dev))
-        self.params["v"] = nn.Parameter(torch.ones(self.dim, device=dev))
+        self.current["prompt"] = nn.Parameter(torch.empty(self.prompt_length, self.dim, device=dev).uniform_(-1, 1))
+        self.current["u"] = nn.Parameter(torch.ones(queue_tokens + self.prompt_length, device=dev))
+        self.current["v"] = nn.Parameter(torch.ones(self.dim, device=dev))
         self.encoder = ResidualPromptEncoder(self.dim, self.encoder_hidden or max(self.dim // 2, 1)).to(dev)
 
     # --- queue ------------------------------------------------------------------------
@@ -270,8 +273,8 @@ class QPrompt:
         if not self.active:
             return self.queue
         assert self.encoder is not None
-        stacked = torch.cat([self.queue, self.encoder(self.params["prompt"])])
-        return aggregate(stacked, self.params["u"], self.params["v"])
+        stacked = torch.cat([self.queue, self.encoder(self.current["prompt"])])
+        return aggregate(stacked, self.current["u"], self.current["v"])
 
     @hookimpl
     def experience_start(self, state: State) -> None:
@@ -301,27 +304,19 @@ class QPrompt:
         assert self.encoder is not None
         groups: list[dict[str, Any]] = [
             {"params": [self.params["prefix"]], "name": f"{NAME}.prefix", "role": "prompt", "layer": 0},
-            {"params": [self.params["prompt"]], "name": f"{NAME}.prompt", "role": "prompt", "layer": 0},
+            {"params": [self.current["prompt"]], "name": f"{NAME}.prompt", "role": "prompt", "layer": 0},
             {"params": list(self.encoder.parameters()), "name": f"{NAME}.encoder", "role": "adapter", "layer": 0},
-            {"params": [self.params["u"], self.params["v"]], "name": f"{NAME}.aggregation", "role": "other", "layer": 0},
+            {"params": [self.current["u"], self.current["v"]], "name": f"{NAME}.aggregation", "role": "other", "layer": 0},
         ]
         if self.critic is not None:
             groups.append({"params": list(self.critic.parameters()), "name": f"{NAME}.mine", "role": "other"})
         if state.head is not None:
             groups.append({"params": list(state.head.parameters()), "name": "head", "role": "head"})
-        if self.lr is not None and state.config is not None:
-            for group in groups:
-                group["lr"] = self.lr * state.config.train.batch_size / 256.0
-        return groups
+        return [{**group, **self.scaled_lr(self.lr, state)} for group in groups]
 
     @hookimpl
     def before_forward(self, state: State) -> None:
         state.prompts.add_tokens(torch.cat([self.params["prefix"], self.q_prompt().to(self.params["prefix"].dtype)]))
-
-    @hookimpl
-    def before_loss(self, state: State) -> None:
-        if self.train_mask:
-            mask_to_current_experience(state)
 
     def memory_retention(self, state: State) -> torch.Tensor:
         """MINE estimate of I(x; z): x with the prefix alone (autograd), z with the reference queue (no autograd)."""
@@ -359,20 +354,17 @@ class QPrompt:
             terms["mr"] = -self.mr_coeff * mi
         return terms
 
-    # --- checkpoints ------------------------------------------------------------------
+    # --- checkpoints (the prefix is in self.params, saved by PromptStrategy) ------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         current = None
         if self.active:
             assert self.encoder is not None
             current = {
-                "prompt": self.params["prompt"].detach(),
-                "u": self.params["u"].detach(),
-                "v": self.params["v"].detach(),
+                **{k: v.detach() for k, v in self.current.items()},
                 "encoder": {k: v.detach() for k, v in self.encoder.state_dict().items()},
             }
         return {
-            "prefix": self.params["prefix"].detach(),
             "queue": self.queue,
             "reference": self.reference,
             "evicted": self.evicted,
@@ -382,10 +374,8 @@ class QPrompt:
             "log_ema": self.log_ema,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         dev = self.device
-        with torch.no_grad():
-            self.params["prefix"].copy_(state["prefix"])
         self.queue = state["queue"].to(dev)
         self.reference = state["reference"].to(dev)
         self.evicted, self.active = bool(state["evicted"]), bool(state["active"])
@@ -398,7 +388,7 @@ class QPrompt:
             assert self.encoder is not None
             with torch.no_grad():
                 for key in ("prompt", "u", "v"):
-                    self.params[key].copy_(current[key])
+                    self.current[key].copy_(current[key])
             self.encoder.load_state_dict(current["encoder"])
 
 

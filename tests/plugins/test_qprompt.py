@@ -108,10 +108,10 @@ def test_the_queue_never_exceeds_its_capacity():
         evictions.append(strategy.evicted)
         q = strategy.q_prompt()
         sizes.append(q.shape[0])
-        assert strategy.params["u"].shape == (q.shape[0],) and strategy.params["v"].shape == (16,)
+        assert strategy.current["u"].shape == (q.shape[0],) and strategy.current["v"].shape == (16,)
         with torch.no_grad():  # as if training had moved the new prompt and the weights
-            strategy.params["prompt"].add_(1.0)
-            strategy.params["u"].mul_(0.9)
+            strategy.current["prompt"].add_(1.0)
+            strategy.current["u"].mul_(0.9)
         strategy.experience_end(None)
         assert strategy.queue.shape[0] <= 10
     assert max(sizes) <= 10
@@ -125,14 +125,14 @@ def test_a_new_experience_starts_from_the_queue_it_inherited():
     strategy = _bare(prompt_length=2, capacity=8)
     strategy.experience_start(None)
     with torch.no_grad():
-        strategy.params["u"].uniform_(0.5, 1.5)
-        strategy.params["v"].uniform_(0.5, 1.5)
+        strategy.current["u"].uniform_(0.5, 1.5)
+        strategy.current["v"].uniform_(0.5, 1.5)
     trained = strategy.q_prompt().detach().clone()
     strategy.experience_end(None)
     torch.testing.assert_close(strategy.q_prompt(), trained)  # W o Q is what is kept
     strategy.experience_start(None)
     torch.testing.assert_close(strategy.q_prompt()[:2], trained)  # u, v = 1 and enc = id at init
-    torch.testing.assert_close(strategy.q_prompt()[2:], strategy.params["prompt"].detach())
+    torch.testing.assert_close(strategy.q_prompt()[2:], strategy.current["prompt"].detach())
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,7 @@ def test_gradients_reach_the_new_parts_and_never_the_frozen_queue(make_config):
 
     run.hooks.pm.register(Spy())
     queue_before = strategy.queue.clone()
-    u_before = strategy.params["u"].detach().clone()
+    u_before = strategy.current["u"].detach().clone()
     images, targets = _batch(run, 2)
     run.loop.train_step(images, targets, {}, allowed)
     for name in ("qprompt.prefix", "qprompt.prompt", "qprompt.aggregation", "qprompt.mine", "head"):
@@ -229,7 +229,7 @@ def test_gradients_reach_the_new_parts_and_never_the_frozen_queue(make_config):
     # the encoder's last layer starts at zero, so only it moves on the first step
     assert grads["qprompt.encoder"][2].abs().sum() > 0
     torch.testing.assert_close(strategy.queue, queue_before)
-    assert not torch.equal(strategy.params["u"].detach(), u_before)
+    assert not torch.equal(strategy.current["u"].detach(), u_before)
     assert {"ce", "mr"} == set(run.state.loss_terms)
 
 
@@ -249,7 +249,7 @@ def test_the_mi_term_is_finite_and_moves_the_prefix(make_config):
     prefix_grad = strategy.params["prefix"].grad
     assert prefix_grad is not None and torch.isfinite(prefix_grad).all() and prefix_grad.abs().sum() > 0
     assert all(p.grad is not None for p in strategy.critic.parameters())
-    assert strategy.params["prompt"].grad is None  # MR sees the prefix alone
+    assert strategy.current["prompt"].grad is None  # MR sees the prefix alone
     # only after eviction: experience 1 did not evict, so no MR term
     run_only = _loop(make_config, mr_after_eviction_only=True)
     _advance(run_only, 2)
