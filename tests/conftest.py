@@ -22,6 +22,8 @@ TINY_OPTIONS: dict[str, dict[str, Any]] = {
     "l2p": {"pool_size": 4, "prompt_length": 2, "top_k": 2},
     "dualprompt": {"e_pool_size": 4, "g_layers": [0], "e_layers": [1]},
     "coda_prompt": {"pool_size": 4, "prompt_length": 4, "layers": [0, 1]},
+    "vpt": {"prompt_length": 2},
+    "lora": {"rank": 2, "alpha": 2.0},
     "qprompt": {"prompt_length": 2, "capacity": 4, "prefix_length": 2, "mine_hidden": 8},
 }
 
