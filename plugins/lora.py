@@ -141,6 +141,8 @@ class LoRA:
         layers: adapted blocks (``None``: every block).
         frozen_query: keep ``compute_query()`` on the pre-trained model (True; see above).
         train_mask: mask logits outside the current experience while training (True).
+        classifier: train the head with cross-entropy (True); ``False`` leaves head and loss to
+            another strategy listed with lora (a prompt method trained with adapters beside it).
         lr: learning rate of adapters and head (``None``: the run's optimizer setting).
     """
 
@@ -152,6 +154,7 @@ class LoRA:
         layers: Sequence[int] | None = None,
         frozen_query: bool = True,
         train_mask: bool = True,
+        classifier: bool = True,
         lr: float | None = None,
     ) -> None:
         if int(rank) < 1:
@@ -165,7 +168,7 @@ class LoRA:
             raise ConfigError("lora layers is empty; name at least one block, or leave it unset for every block.")
         self.rank, self.alpha, self.parts = int(rank), float(alpha), tuple(parts)
         self.layers = None if layers is None else [int(i) for i in layers]
-        self.frozen_query, self.train_mask, self.lr = bool(frozen_query), bool(train_mask), lr
+        self.frozen_query, self.train_mask, self.classifier, self.lr = bool(frozen_query), bool(train_mask), bool(classifier), lr
         self.adapters: dict[tuple[int, str], LoRALinear] = {}
 
     @hookimpl
@@ -195,7 +198,8 @@ class LoRA:
         for (layer, site), module in self.modules():
             groups.append({"params": list(module.lora_a.values()), "name": f"lora.{layer}.{site}.a", "role": "adapter", "layer": layer, "site": site, **extra})
             groups.append({"params": list(module.lora_b.values()), "name": f"lora.{layer}.{site}.b", "role": "adapter", "layer": layer, "site": site, "part": "up", **extra})
-        groups.append({"params": list(state.head.parameters()), "name": "head", "role": "head", **extra})
+        if self.classifier:
+            groups.append({"params": list(state.head.parameters()), "name": "head", "role": "head", **extra})
         return groups
 
     @hookimpl(wrapper=True)
@@ -211,12 +215,12 @@ class LoRA:
 
     @hookimpl
     def before_loss(self, state: State) -> None:
-        if self.train_mask:
+        if self.classifier and self.train_mask:
             mask_to_current_experience(state)
 
     @hookimpl
     def loss_terms(self, state: State) -> dict[str, torch.Tensor] | None:
-        if state.phase != "train":
+        if state.phase != "train" or not self.classifier:
             return None
         return {"ce": cross_entropy(state)}
 
