@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ TINY_OPTIONS: dict[str, dict[str, Any]] = {
     "vpt": {"prompt_length": 2},
     "lora": {"rank": 2, "alpha": 2.0},
     "qprompt": {"prompt_length": 2, "capacity": 4, "prefix_length": 2, "mine_hidden": 8},
+    "tpt": {"clip": {"model_config": str(Path(__file__).parent / "assets" / "tiny-clip.json"), "random_init": True}, "views": 8},
 }
 
 
