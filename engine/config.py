@@ -64,6 +64,13 @@ class TestTimeConfig(_Strict):
     batch_size: int = Field(1, ge=1, description="1 for sample-wise streams")
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adamw", lr=5e-3, weight_decay=0.01))
     reset_optimizer: bool = Field(True, description="fresh optimizer state for every sample")
+    episodic: bool = Field(False, description="samples are independent (strategies reset per sample): processes may share the stream out")
+
+
+class DistributedConfig(_Strict):
+    """Multi-process runs under torchrun (ignored in a single process)."""
+
+    timeout_s: float = Field(600.0, gt=0, description="seconds a collective may wait for the other processes")
 
 
 class LogConfig(_Strict):
@@ -96,6 +103,7 @@ class RunConfig(_Strict):
     strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="finetune")])
     plugin_modules: list[str] = Field(default_factory=list, description="extra plugin modules or .py files to load")
     log: LogConfig = Field(default_factory=LogConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("strategies", mode="before")
     @classmethod

@@ -85,9 +85,12 @@ class _Loop:
         self.logger = logger
         self.progress = progress
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._local = self._total = 1  # this process's and the global batch size
+        self.sync_gradients = True
 
     def _bar(self, iterable: Iterable, total: int | None, desc: str, leave: bool = False) -> Iterator:
-        return iter(tqdm(iterable, total=total, desc=desc, leave=leave, disable=None if self.progress is None else not self.progress, dynamic_ncols=True))
+        disable = True if not self.state.dist.is_main else None if self.progress is None else not self.progress
+        return iter(tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True))
 
     def _init(self) -> None:
         """Fire ``init`` once per run, whichever loop (or a resume) gets there first."""
@@ -95,6 +98,23 @@ class _Loop:
             self.state.phase = "init"
             self.hooks.fire(Event.INIT, self.state)
             self.hooks.initialised = True
+
+    def _share(self, images: torch.Tensor, targets: torch.Tensor | None, extras: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """This process's share of a global batch (everything, in a single process)."""
+        d = self.state.dist
+        if not d.enabled:
+            return images, targets, extras
+        parts = torch.tensor_split(torch.arange(images.shape[0]), d.world_size)[d.rank]
+        lo, hi = (int(parts[0]), int(parts[-1]) + 1) if len(parts) else (0, 0)
+
+        def cut(v: Any) -> Any:
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == images.shape[0]:
+                return v[lo:hi]
+            if isinstance(v, (list, tuple)) and len(v) == images.shape[0]:
+                return type(v)(v[lo:hi])
+            return v
+
+        return images[lo:hi], None if targets is None else targets[lo:hi], {k: cut(v) for k, v in extras.items()}
 
     def _set_batch(self, images: torch.Tensor, targets: torch.Tensor | None, extras: dict[str, Any]) -> None:
         s = self.state
@@ -131,6 +151,10 @@ class _Loop:
                 f"{[g['name'] for g in s.param_groups]}); a strategy's loss must use the parameters it declares, or the forward that uses them."
             )
         s.loss.backward()
+        # data parallelism: gradients averaged over processes, weighted by their batch shares
+        # (never in the test-time loop, where each process adapts on its own samples)
+        if self.sync_gradients:
+            s.dist.average_gradients([p for g in s.param_groups for p in g["params"]], self._local, self._total)
         self.hooks.fire(Event.AFTER_BACKWARD, s)
         self.hooks.fire(Event.BEFORE_OPTIMIZER_STEP, s)
         # Clip after projection hooks: scaling keeps a projected gradient's direction.
@@ -238,7 +262,7 @@ class ContinualLoop(_Loop):
         set_rng_state(payload["rng"])
 
     def _save(self) -> None:
-        if self.state.run_dir is not None:
+        if self.state.run_dir is not None and self.state.dist.is_main:
             atomic_save(self.checkpoint_payload(), self.state.run_dir / CHECKPOINT_NAME)
 
     # --- the loop ----------------------------------------------------------------------------
@@ -302,6 +326,8 @@ class ContinualLoop(_Loop):
             batches = _batches(exp.train, cfg.train.batch_size, not online, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
             for b, (images, targets, extras) in enumerate(self._bar(batches, math.ceil(len(exp.train) / cfg.train.batch_size), f"exp {i} epoch {epoch}")):
                 s.batch_index = b
+                if images.shape[0] < s.dist.world_size:
+                    continue  # a last batch smaller than the number of processes: every process skips it
                 images_seen += images.shape[0]
                 if self.train_step(images, targets, extras, seen) is not None:
                     loss_sum += s.loss.detach()  # type: ignore[union-attr]
@@ -309,8 +335,9 @@ class ContinualLoop(_Loop):
                 if s.stop:
                     break
             self.hooks.fire(Event.EPOCH_END, s)
+            s.dist.all_reduce_(loss_sum, "the loss reduction")
             if self.logger is not None and n_batches:
-                self.logger.log("train", s.step, experience=i, epoch=epoch, loss=float(loss_sum) / n_batches)
+                self.logger.log("train", s.step, experience=i, epoch=epoch, loss=float(loss_sum) / (n_batches * s.dist.world_size))
             if s.stop:
                 break
         train_seconds = time.perf_counter() - started
@@ -334,6 +361,9 @@ class ContinualLoop(_Loop):
         that benchmarks time exactly the path a run takes.
         """
         s = self.state
+        self._total = images.shape[0]
+        images, targets, extras = self._share(images, targets, extras)
+        self._local = images.shape[0]
         self._set_batch(images, targets, extras)
         self.hooks.fire(Event.BATCH_START, s)
         self._forward(allowed)
@@ -357,11 +387,15 @@ class ContinualLoop(_Loop):
         s.eval_experience = exp
         correct = torch.zeros((), dtype=torch.long, device=s.device)
         total = 0
-        for b, (images, targets, extras) in enumerate(_batches(exp.test, cfg.eval.batch_size, False, None, cfg.train.num_workers)):
+        for b, batch in enumerate(_batches(exp.test, cfg.eval.batch_size, False, None, cfg.train.num_workers)):
             s.batch_index = b
+            total += batch[0].shape[0]
+            images, targets, extras = self._share(*batch)
+            if images.shape[0] == 0:
+                continue
             logits = self.eval_step(images, targets, extras, allowed)
             correct += (logits.argmax(dim=1) == s.targets).sum()
-            total += images.shape[0]
+        s.dist.all_reduce_(correct, "the evaluation reduction")
         return 100.0 * float(correct) / max(total, 1)
 
     def _evaluate(self, i: int) -> None:
@@ -409,11 +443,24 @@ class TestTimeLoop(_Loop):
         reset_optimizer: a fresh optimizer (and its moments) for every sample.
     """
 
-    def __init__(self, state: State, hooks: Hooks, strategies: list[tuple[str, Any]], steps: int, optimizer: Any, reset_optimizer: bool = True, logger: Any = None, progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        state: State,
+        hooks: Hooks,
+        strategies: list[tuple[str, Any]],
+        steps: int,
+        optimizer: Any,
+        reset_optimizer: bool = True,
+        logger: Any = None,
+        progress: bool | None = None,
+        episodic: bool = False,
+    ) -> None:
         super().__init__(state, hooks, strategies, logger, progress)
         self.steps = steps
         self.optimizer_options = optimizer
         self.reset_optimizer = reset_optimizer
+        self.episodic = episodic
+        self.sync_gradients = False
 
     def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], total: int | None = None) -> dict[str, Any]:
         """Consume the stream; returns online accuracy overall and per domain, and latency."""
@@ -422,11 +469,14 @@ class TestTimeLoop(_Loop):
         allowed = self._allowed(s.seen_classes) if s.seen_classes else None
         s.phase = "predict"
         self.hooks.fire(Event.TEST_STREAM_START, s)
-        correct = torch.zeros((), dtype=torch.long, device=s.device)
-        per_domain: dict[str, list[int]] = {}
-        count = 0
+        d = s.dist
+        records: list[tuple[int, int, list[bool], list[str] | None]] = []  # (position, samples, hits, domains)
         started = time.perf_counter()
         for n, (images, targets, extras) in enumerate(self._bar(batches, total, "test samples")):
+            # Several processes: independent (episodic) samples are dealt out round-robin; a
+            # continual stream is sequential by nature and runs on rank 0 alone.
+            if d.enabled and ((self.episodic and n % d.world_size != d.rank) or (not self.episodic and not d.is_main)):
+                continue
             s.batch_index = n
             # Labels stay out of the state until the prediction is made: adaptation is unsupervised.
             self._set_batch(images, None, extras)
@@ -449,25 +499,28 @@ class TestTimeLoop(_Loop):
                 logits = self._forward(allowed)
             s.targets = labels
             self.hooks.fire(Event.TEST_SAMPLE_END, s)
-            count += images.shape[0]
-            if labels is not None:
-                hits = logits.argmax(dim=1) == labels
-                correct += hits.sum()
-                domains = extras.get("domain")
-                if domains is not None:
-                    for d, h in zip(domains, hits.tolist()):
-                        slot = per_domain.setdefault(str(d), [0, 0])
-                        slot[0] += int(h)
-                        slot[1] += 1
+            hits = (logits.argmax(dim=1) == labels).tolist() if labels is not None else []
+            domains = extras.get("domain")
+            records.append((n, images.shape[0], hits, [str(x) for x in domains] if domains is not None else None))
             if s.stop:
                 break
         seconds = time.perf_counter() - started
         s.phase = "done"
+        # gathered back in stream order on every process
+        records = sorted((r for part in d.all_gather_object(records, "gathering test-time results") for r in part), key=lambda r: r[0])
+        count = sum(r[1] for r in records)
+        correct = sum(sum(r[2]) for r in records)
+        per_domain: dict[str, list[int]] = {}
+        for _, _, hits, domains in records:
+            for dom, h in zip(domains or [], hits):
+                slot = per_domain.setdefault(dom, [0, 0])
+                slot[0] += int(h)
+                slot[1] += 1
         result = {
-            "online_accuracy": 100.0 * float(correct) / max(count, 1),
-            "per_domain": {d: 100.0 * c / t for d, (c, t) in per_domain.items()},
+            "online_accuracy": 100.0 * correct / max(count, 1),
+            "per_domain": {dom: 100.0 * c / t for dom, (c, t) in per_domain.items()},
             "samples": count,
-            "seconds_per_sample": seconds / max(count, 1),
+            "seconds_per_sample": seconds * (d.world_size if self.episodic else 1) / max(count, 1),
         }
         s.metrics["online"] = result
         self.hooks.fire(Event.TEST_STREAM_END, s)

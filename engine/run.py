@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 from .backbones import ViTBackbone
@@ -19,6 +20,7 @@ from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError,
 from .loggers import RunLogger
 from .loop import ContinualLoop, EngineDefaults, TestTimeLoop
 from .plugins import Hooks, Registry, discover, instantiate
+from .distributed import init_from_env
 from .runtime import resolve_amp_dtype, resolve_device, seed_everything
 from .state import State
 
@@ -82,7 +84,7 @@ class Run:
             **matrix.summary(self.loop.baseline),
             "timings": self.loop.timings,
         }
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.state.dist.is_main:
             tmp = self.run_dir / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             os.replace(tmp, self.run_dir / "summary.json")
@@ -91,7 +93,7 @@ class Run:
     def adapt(self, batches: Iterable[Any], total: int | None = None) -> dict[str, Any]:
         """Run the test-time loop over ``(images, targets, extras)`` batches."""
         tt = self.config.test_time
-        loop = TestTimeLoop(self.state, self.hooks, self.strategies, tt.steps, tt.optimizer, tt.reset_optimizer, self.logger, self.config.log.progress)
+        loop = TestTimeLoop(self.state, self.hooks, self.strategies, tt.steps, tt.optimizer, tt.reset_optimizer, self.logger, self.config.log.progress, tt.episodic)
         return loop.run(batches, total)
 
     def close(self) -> None:
@@ -109,7 +111,12 @@ class Run:
 def build(config: RunConfig, run_dir: str | Path | None = "auto", registry: Registry | None = None, *, resume: bool = False) -> Run:
     """Build everything a run needs. ``run_dir=None`` keeps the run in memory (no files)."""
     seed_everything(config.seed, config.deterministic)
-    device = resolve_device(config.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and config.train.batch_size % world:
+        raise ConfigError(f"train.batch_size ({config.train.batch_size}) is not divisible by the {world} processes; make the global batch a multiple of the world size.")
+    wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    dist_ctx = init_from_env(config.distributed.timeout_s, "cuda" if wants_cuda else "cpu")
+    device = resolve_device(config.device, dist_ctx.local_rank if dist_ctx.enabled else None)
     amp = resolve_amp_dtype(config.precision, device)
     registry = registry or discover(config.plugin_modules)
     strategies = build_strategies(config, registry)
@@ -121,13 +128,16 @@ def build(config: RunConfig, run_dir: str | Path | None = "auto", registry: Regi
         path = None
     else:
         path = Path(config.run_dir) if run_dir == "auto" and config.run_dir else default_run_dir(config) if run_dir == "auto" else Path(run_dir)
+        path = Path(dist_ctx.broadcast_object(str(path)))  # one run directory for every process
         if not resume and (path / CHECKPOINT_NAME).exists():
             raise ConfigError(f"Run directory '{path}' already holds a checkpoint; continue it with --resume {path}, or choose another run_dir.")
-        path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            dump_config(config.model_copy(update={"run_dir": str(path)}), path / "config.yaml")
-    logger = RunLogger(path, tensorboard=config.log.tensorboard, jsonl=config.log.jsonl) if path is not None else None
-    state = State(backbone=backbone, head=head, device=device, amp_dtype=amp, config=config, run_dir=path)
+        if dist_ctx.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                dump_config(config.model_copy(update={"run_dir": str(path)}), path / "config.yaml")
+    # only rank 0 writes logs (and checkpoints, in the loop)
+    logger = RunLogger(path, tensorboard=config.log.tensorboard, jsonl=config.log.jsonl) if path is not None and dist_ctx.is_main else None
+    state = State(backbone=backbone, head=head, device=device, amp_dtype=amp, config=config, run_dir=path, dist=dist_ctx)
     hooks = Hooks(EngineDefaults(), strategies)
     return Run(config, registry, state, hooks, strategies, stream, logger, path)
 

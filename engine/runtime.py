@@ -12,8 +12,13 @@ import torch
 from .errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an unavailable device is a config error."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable device is a config error.
+
+    Under torchrun (``local_rank`` given) a CUDA device is the process's own GPU.
+    """
+    if local_rank is not None and torch.cuda.is_available() and name in ("auto", "cuda"):
+        return torch.device("cuda", local_rank)
     if name == "auto":
         # an explicit index, so that device comparisons (cuda vs cuda:0) behave
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

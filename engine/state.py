@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import DistContext
 from .prompts import Prompts
 
 
@@ -47,6 +48,8 @@ class State:
         metrics: figures of the run so far (accuracy matrix, online accuracy, timings).
         plugin_state: free space for strategies, keyed by strategy name.
         stop: set to ``True`` to end the current loop after the current batch or sample.
+        dist: rank, world size and collectives; strategies that keep data statistics
+            (class sums, selection counts, representation matrices) reduce them with it.
     """
 
     backbone: nn.Module
@@ -76,6 +79,7 @@ class State:
     optimizer: torch.optim.Optimizer | None = None
     param_groups: list[dict[str, Any]] = field(default_factory=list)
     backbone_trainable: bool = False
+    dist: DistContext = field(default_factory=DistContext)
     metrics: dict[str, Any] = field(default_factory=dict)
     plugin_state: dict[str, Any] = field(default_factory=dict)
     stop: bool = False

@@ -151,8 +151,15 @@ class L2P(PromptStrategy):
         self.counts = torch.zeros(self.pool_size, device=state.device)
 
     @hookimpl
+    def experience_end(self, state: State) -> None:
+        """Under torchrun each process counted its own selections: add them up."""
+        assert self.counts is not None
+        state.dist.reduce_delta_(self.counts, self._counts_base, "the prompt-count reduction")
+
+    @hookimpl
     def experience_start(self, state: State) -> None:
         assert self.counts is not None
+        self._counts_base = self.counts.clone()
         total = self.counts.sum()
         self.frequency = self.counts / total if self.diversify and state.experience.index > 0 else None
 
@@ -198,7 +205,9 @@ class L2P(PromptStrategy):
         return {"counts": self.counts, "frequency": self.frequency}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.counts, self.frequency = state["counts"], state["frequency"]
+        device = self.params["prompts"].device  # checkpoints load on the CPU
+        self.counts = state["counts"].to(device) if state["counts"] is not None else None
+        self.frequency = state["frequency"].to(device) if state["frequency"] is not None else None
 
 
 @hookimpl

@@ -30,6 +30,7 @@ class NCM:
         self.metric = metric
         self.sums: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
+        self._base: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0), torch.zeros(0))
 
     def _ensure(self, state: State) -> None:
         if self.sums is None or self.counts is None:
@@ -38,6 +39,19 @@ class NCM:
             self.counts = torch.zeros(state.num_classes, device=state.device, dtype=torch.float64)
         else:  # restored from a checkpoint (loaded on the CPU): move, never reset
             self.sums, self.counts = self.sums.to(state.device), self.counts.to(state.device)
+
+    @hookimpl
+    def experience_start(self, state: State) -> None:
+        self._ensure(state)
+        assert self.sums is not None and self.counts is not None
+        self._base = (self.sums.clone(), self.counts.clone())
+
+    @hookimpl
+    def experience_end(self, state: State) -> None:
+        """Under torchrun every process summed its own share of the data: add the shares up."""
+        assert self.sums is not None and self.counts is not None
+        state.dist.reduce_delta_(self.sums, self._base[0], "the class-mean reduction")
+        state.dist.reduce_delta_(self.counts, self._base[1], "the class-mean reduction")
 
     @hookimpl
     def batch_start(self, state: State) -> None:
