@@ -464,9 +464,10 @@ class TPT(CLIPTestTimeBase):
 
     def _ensure(self, state: State) -> CLIPBackbone:
         clip = self.setup(state)
-        if self.ctx is None:
-            assert self.init_ctx is not None
-            self.ctx = self.init_ctx.clone().requires_grad_(True)
+        assert self.init_ctx is not None
+        if self.ctx is None or self.ctx.device != self.init_ctx.device:
+            start = self.init_ctx if self.ctx is None else self.ctx.detach().to(self.init_ctx.device)
+            self.ctx = start.clone().requires_grad_(True)
         return clip
 
     def reset(self) -> None:
@@ -493,7 +494,6 @@ class TPT(CLIPTestTimeBase):
     @hookimpl
     def test_stream_start(self, state: State) -> None:
         self._ensure(state)
-        self.monitor = OnlineMonitor(window=0)
 
     @hookimpl
     def test_sample_start(self, state: State) -> None:
