@@ -1,0 +1,262 @@
+"""DynaPrompt: Dynamic Test-Time Prompt Tuning (Xiao et al., ICLR 2025) on a frozen CLIP.
+
+An online buffer of text prompts (10 by default) persists across test samples. Each prompt is
+stored as a residual over the initial context ("a photo of a", 4 vectors): prompt ``i`` is
+``init + delta_i``; a fresh prompt has ``delta_i = 0``. For every sample, with the 64 TPT views:
+
+* **prediction entropy** of prompt ``i``: the mean over all views of the entropy of that view's
+  prediction, ``mean_v H(softmax(l_{v,i}))`` (official code: ``entropy(p_pred).mean(0)``);
+* **probability difference** of prompt ``i``: the mean over the augmented views of the
+  original view's maximum logit minus the view's own maximum logit,
+  ``mean_{v>0} (max_c l_{0,i,c} - max_c l_{v,i,c})`` (official: ``plpd``). The paper words
+  this as a difference of prediction *probabilities* between the original and augmented
+  views; the official code uses CLIP's scaled *logits* and each view's own arg-max class,
+  which is what is implemented here.
+
+Selection (official code): the reference is the unused prompt at the head of the
+least-recently-used order (always a fresh, initial prompt). Let ``k`` be the number of
+prompts whose entropy is above the reference's. The selected prompts are those whose entropy
+is below the reference's *and* that are among the ``k`` prompts with the largest probability
+difference, plus the reference prompt itself. (The paper says "probability difference larger
+than the initial prompt's"; the code's top-``k`` rule is used. The official code also indexes
+the entropy ranking with prompt ids when it gathers the intersection, which permutes the
+selected ids; the intended prompt ids are used here.) With ``initial="when_empty"`` the fresh
+prompt is used only when no buffered prompt is selected, as the paper describes appending.
+
+Buffer rules: selected prompts move to the end of the LRU order and their use counts grow.
+Before a sample, when every prompt has been used, the least recently used one is deleted and
+a fresh prompt takes its slot (residual and use count set to zero): the official
+"All prompts are used, reset prompt" rule. The optimizer (AdamW, lr 5e-3) is rebuilt for every
+sample while the prompts persist. The loss is TPT's over the selected prompts: confident views
+(10%, by the entropy averaged over the selected prompts), the ``avg_entropy`` of each selected
+prompt's views, averaged over prompts. The prediction is the mean of the selected prompts'
+logits on the original view.
+
+Memory: selection only needs detached predictions, so all prompts are encoded without a graph,
+``chunk_size`` sequences at a time; gradients flow only through the selected prompts, whose
+text encoding is checkpointed per chunk. See docs/test-time.md for the ViT-B/16 estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from driftprompt.engine import ConfigError, State, hookimpl
+from driftprompt.engine.clip import clip_logits
+from driftprompt.engine.loop import mask_logits
+
+from .tpt import CLIPTestTimeBase, OnlineMonitor, allowed_mask, avg_entropy, clip_inputs, entropy, make_views, select_confident
+
+NAME = "dynaprompt"
+INITIAL_MODES = ("always", "when_empty")
+
+
+def prompt_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prediction entropy and probability difference per prompt from (V, P, C) view logits.
+
+    View 0 is the original image. Returns ``(entropy (P,), difference (P,))`` as defined in
+    the module docstring.
+    """
+    ent = entropy(logits).mean(dim=0)
+    top = logits.float().max(dim=-1).values  # V, P
+    diff = (top[0:1] - top[1:]).mean(dim=0) if logits.shape[0] > 1 else torch.zeros_like(ent)
+    return ent, diff
+
+
+def select_prompts(ent: torch.Tensor, diff: torch.Tensor, reference: int, initial: str = "always") -> list[int]:
+    """Prompt ids selected for a sample (official DynaPrompt rule; see the module docstring)."""
+    P = ent.shape[0]
+    by_entropy = torch.argsort(ent, descending=True, stable=True).tolist()
+    pos = by_entropy.index(reference)
+    lower = set(by_entropy[min(pos + 1, P - 1) :])
+    by_diff = set(torch.argsort(diff, descending=True, stable=True)[:pos].tolist())
+    chosen = sorted((lower & by_diff) - {reference})
+    if initial == "when_empty" and chosen:
+        return chosen
+    return chosen + [reference]
+
+
+class PromptBuffer:
+    """Residual prompts with use counts and a least-recently-used order (official rules)."""
+
+    def __init__(self, size: int, n_ctx: int, width: int, device: torch.device) -> None:
+        self.delta = torch.zeros(size, n_ctx, width, device=device, requires_grad=True)
+        self.uses = [0] * size
+        self.order = list(range(size))  # least recently used first
+        self.deleted = 0
+
+    def begin_sample(self) -> int:
+        """Recycle the least recently used prompt when all are used; returns the reference id."""
+        if 0 not in self.uses:
+            slot = self.order[0]
+            self.uses[slot] = 0
+            with torch.no_grad():
+                self.delta[slot].zero_()
+            self.deleted += 1
+        return self.order[0]
+
+    def mark_used(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            self.order.remove(i)
+            self.order.append(i)
+            self.uses[i] += 1
+
+    def clear(self) -> None:
+        with torch.no_grad():
+            self.delta.zero_()
+        self.uses = [0] * len(self.uses)
+        self.order = list(range(len(self.uses)))
+
+
+class DynaPrompt(CLIPTestTimeBase):
+    """Online buffer of CLIP text prompts selected per sample by entropy and probability difference.
+
+    Args:
+        class_names, clip, n_ctx, ctx_init, views, selection, augmix, lr, seed: as ``tpt``.
+        buffer_size: prompts in the online buffer (10, the paper's default).
+        initial: ``"always"`` (official code: the fresh prompt is always selected) or
+            ``"when_empty"`` (the paper: a fresh prompt only when no buffered prompt fits).
+        chunk_size: text sequences (prompts x classes) encoded at a time (1000).
+        collapse_window, collapse_fraction: the collapse guard (see ``OnlineMonitor``);
+            a collapse clears the buffer back to the initial prompt. ``0`` disables it.
+    """
+
+    name = NAME
+
+    def __init__(
+        self,
+        class_names: Sequence[str] | None = None,
+        clip: dict[str, Any] | None = None,
+        n_ctx: int = 4,
+        ctx_init: str | None = "a photo of a",
+        views: int = 64,
+        selection: float = 0.1,
+        augmix: bool = False,
+        lr: float = 5e-3,
+        buffer_size: int = 10,
+        initial: str = "always",
+        chunk_size: int = 1000,
+        collapse_window: int = 64,
+        collapse_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if initial not in INITIAL_MODES:
+            raise ConfigError(f"dynaprompt option 'initial' must be one of {INITIAL_MODES}, got {initial!r}.")
+        if buffer_size < 1 or views < 1 or chunk_size < 1:
+            raise ConfigError("dynaprompt needs buffer_size, views and chunk_size >= 1.")
+        super().__init__(class_names, clip, n_ctx, ctx_init, seed)
+        self.views, self.selection, self.augmix, self.lr = views, selection, augmix, lr
+        self.buffer_size, self.initial, self.chunk_size = buffer_size, initial, chunk_size
+        self.buffer: PromptBuffer | None = None
+        self.selected: list[int] = []
+        self.view_features: torch.Tensor | None = None
+        self.view_idx: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None
+        self.monitor = OnlineMonitor(collapse_window, collapse_fraction)
+
+    def _ensure(self, state: State) -> None:
+        clip = self.setup(state)
+        if self.buffer is None or self.buffer.delta.device != state.device:
+            old = self.buffer
+            self.buffer = PromptBuffer(self.buffer_size, self.n_ctx, clip.text_width, state.device)
+            if old is not None:
+                with torch.no_grad():
+                    self.buffer.delta.copy_(old.delta.to(state.device))
+                self.buffer.uses, self.buffer.order = old.uses, old.order
+
+    def prompts(self, ids: Sequence[int]) -> torch.Tensor:
+        assert self.buffer is not None and self.init_ctx is not None
+        return self.init_ctx.unsqueeze(0) + self.buffer.delta[list(ids)]
+
+    def logits_for(self, ids: Sequence[int], state: State, grad: bool) -> torch.Tensor:
+        """(B, V, len(ids), C) logits of every view under the given prompts."""
+        assert self.clip is not None and self.token_ids is not None and self.view_features is not None
+        with torch.set_grad_enabled(grad):
+            text = self.clip.encode_text_with_context(self.prompts(ids), self.token_ids, chunk_size=self.chunk_size, recompute=grad)
+            logits = torch.stack([clip_logits(f, text, self.clip.logit_scale) for f in self.view_features])
+        allowed = allowed_mask(state, logits.shape[-1])
+        return logits if allowed is None else mask_logits(logits, allowed)
+
+    def reset(self) -> None:
+        """Clear the buffer: every prompt back to the initial context."""
+        if self.buffer is not None:
+            self.buffer.clear()
+
+    @hookimpl
+    def test_stream_start(self, state: State) -> None:
+        self._ensure(state)
+
+    @hookimpl
+    def test_sample_start(self, state: State) -> None:
+        """Recycle a slot if needed, compute the views' features, select the prompts."""
+        self._ensure(state)
+        assert self.clip is not None and self.buffer is not None
+        self.monitor.start()
+        x = clip_inputs(state, self.clip)
+        views = make_views(x, self.views, self.generator, self.augmix, self.clip.mean, self.clip.std)
+        B, V = views.shape[:2]
+        self.view_features = self.image_features(state, views.flatten(0, 1)).view(B, V, -1)
+        reference = self.buffer.begin_sample()
+        with torch.no_grad():
+            logits = self.logits_for(range(self.buffer_size), state, grad=False)  # B, V, P, C
+        ent, diff = prompt_scores(logits.mean(dim=0) if B > 1 else logits[0])
+        self.selected = select_prompts(ent, diff, reference, self.initial)
+        self.buffer.mark_used(self.selected)
+        self.view_idx = None
+
+    @hookimpl
+    def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
+        if state.phase != "adapt" or self.buffer is None:
+            return None
+        return [{"params": [self.buffer.delta], "name": f"{NAME}.prompts", "role": "prompt", "lr": self.lr}]
+
+    @hookimpl
+    def forward(self, state: State) -> torch.Tensor | None:
+        """Mean logits of the selected prompts on the original view; the loss in "adapt"."""
+        if state.phase not in ("adapt", "predict") or self.view_features is None:
+            return None
+        logits = self.logits_for(self.selected, state, grad=state.phase == "adapt")  # B, V, S, C
+        if state.phase == "adapt":
+            if self.view_idx is None:
+                self.view_idx = torch.stack([select_confident(row.detach(), self.selection)[1] for row in logits])
+            self.loss = torch.stack([avg_entropy(row[idx]).mean() for row, idx in zip(logits, self.view_idx)]).mean()
+        return logits[:, 0].mean(dim=1)
+
+    @hookimpl
+    def loss_terms(self, state: State) -> dict[str, torch.Tensor] | None:
+        if state.phase != "adapt" or self.loss is None:
+            return None
+        return {f"{NAME}_entropy": self.loss}
+
+    @hookimpl
+    def test_sample_end(self, state: State) -> None:
+        self.loss = None
+        if state.logits is not None and self.monitor.record(state.logits, state.targets):
+            self.reset()
+
+    @hookimpl
+    def test_stream_end(self, state: State) -> None:
+        self.monitor.publish(state, NAME)
+        if self.buffer is not None:
+            state.metrics[NAME]["deleted_prompts"] = self.buffer.deleted
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.buffer is None:
+            return {}
+        return {"delta": self.buffer.delta.detach().cpu(), "uses": list(self.buffer.uses), "order": list(self.buffer.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        delta = state["delta"]
+        self.buffer = PromptBuffer(delta.shape[0], delta.shape[1], delta.shape[2], delta.device)
+        with torch.no_grad():
+            self.buffer.delta.copy_(delta)
+        self.buffer.uses, self.buffer.order = list(state["uses"]), list(state["order"])
+
+
+@hookimpl
+def register_strategies(register):  # type: ignore[no-untyped-def]
+    register(NAME, DynaPrompt)
