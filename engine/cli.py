@@ -22,6 +22,9 @@ driftprompt: continual and test-time prompt learning on frozen ViT and CLIP back
                                       synthetic class-incremental stream; about a minute on a CPU)
   driftprompt CONFIG.yaml [k=v ...]   run a config; overrides use dotted keys, values are YAML:
                                         train.epochs=3  strategies=[ncm]  strategies.0.mask_current=true
+  driftprompt adapt CONFIG.yaml [k=v ...]
+                                      test-time adaptation over the config's stream, one
+                                      prediction per sample after its adaptation steps
   driftprompt --resume RUN_DIR        continue a killed run after its last finished experience
   driftprompt plugins [CONFIG.yaml]   list every strategy and stream, and where it comes from
                                       (with a config: its plugin_modules too)
@@ -107,6 +110,20 @@ def cmd_run(config_path: str | None, overrides: Sequence[str], run_dir: str | No
     return 0
 
 
+def cmd_adapt(config_path: str | None, overrides: Sequence[str], run_dir: str | None) -> int:
+    from .run import build
+
+    config = load_config(config_path, overrides)
+    with build(config, run_dir or "auto") as run:
+        print(f"run directory: {run.run_dir}")
+        result = run.adapt_stream()
+    if run.state.dist.is_main:
+        print(f"online accuracy: {result['online_accuracy']:.2f} over {result['samples']} samples, {result['seconds_per_sample'] * 1000:.1f} ms per sample")
+        for domain, acc in result["per_domain"].items():
+            print(f"  {domain}: {acc:.2f}")
+    return 0
+
+
 def cmd_resume(run_dir: str, extra: Sequence[str]) -> int:
     from .run import resume
 
@@ -129,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_resume(args.resume, items)
         if items[:1] == ["plugins"]:
             return cmd_plugins(items[1] if len(items) > 1 else None)
+        if items[:1] == ["adapt"]:
+            rest = items[1:]
+            path = rest[0] if rest and "=" not in rest[0] else None
+            return cmd_adapt(path, rest[1:] if path else rest, args.run_dir)
         if not items:
             return cmd_demo(args.run_dir)
         config_path = None if "=" in items[0] else items[0]

@@ -22,10 +22,13 @@ class _Strict(BaseModel):
 
 
 class BackboneConfig(_Strict):
-    """Which frozen ViT to use and where its weights come from."""
+    """Which frozen backbone to use and where its weights come from."""
 
+    kind: Literal["timm", "clip"] = Field("timm", description="a timm ViT, or an open_clip CLIP model")
     name: str = "vit_base_patch16_224.augreg_in21k"
-    weights: str = Field("pretrained", description="'pretrained', 'random', or a path to a .safetensors/.pth file")
+    weights: str = Field("pretrained", description="'pretrained', 'random', or a path to a .safetensors/.pth file (timm) or checkpoint (clip)")
+    pretrained: str | None = Field(None, description="clip only: the open_clip pretrained tag, e.g. 'openai'")
+    clip_config: str | None = Field(None, description="clip only: an open_clip model config JSON, for offline checkpoints")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model options (img_size, depth, ...)")
 
 
@@ -65,6 +68,7 @@ class TestTimeConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adamw", lr=5e-3, weight_decay=0.01))
     reset_optimizer: bool = Field(True, description="fresh optimizer state for every sample")
     episodic: bool = Field(False, description="samples are independent (strategies reset per sample): processes may share the stream out")
+    head_checkpoint: str | None = Field(None, description="a driftprompt checkpoint.pt whose trained head the deployed classifier uses")
 
 
 class DistributedConfig(_Strict):

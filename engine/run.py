@@ -52,6 +52,17 @@ def build_strategies(config: RunConfig, registry: Registry) -> list[tuple[str, A
     return [(spec.name, instantiate(registry.strategy(spec.name), dict(spec.options))) for spec in config.strategies]
 
 
+def build_backbone(config: RunConfig) -> nn.Module:
+    """The frozen backbone the config names: a timm ViT, or an open_clip CLIP model."""
+    b = config.backbone
+    if b.kind == "clip":
+        from .clip import CLIPBackbone
+
+        local = b.weights not in ("pretrained", "random")
+        return CLIPBackbone(b.name, pretrained=b.pretrained if b.weights == "pretrained" else None, checkpoint=b.weights if local else None, model_config=b.clip_config, random_init=b.weights == "random")
+    return ViTBackbone(b.name, b.weights, **b.kwargs)
+
+
 def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
@@ -94,7 +105,33 @@ class Run:
         """Run the test-time loop over ``(images, targets, extras)`` batches."""
         tt = self.config.test_time
         loop = TestTimeLoop(self.state, self.hooks, self.strategies, tt.steps, tt.optimizer, tt.reset_optimizer, self.logger, self.config.log.progress, tt.episodic)
-        return loop.run(batches, total)
+        result = loop.run(batches, total)
+        if self.run_dir is not None and self.state.dist.is_main:
+            tmp = self.run_dir / ".summary.json.tmp"
+            tmp.write_text(json.dumps({"name": self.config.name, "strategies": [n for n, _ in self.strategies], **self.state.metrics.get("online", result)}, indent=2, default=str))
+            os.replace(tmp, self.run_dir / "summary.json")
+        return result
+
+    def adapt_stream(self) -> dict[str, Any]:
+        """Run the test-time loop over the configured stream (a ``TestTimeStream``, or the test
+        sets of a continual stream, one domain per experience)."""
+        stream, tt = self.stream, self.config.test_time
+        mask = getattr(stream, "label_mask", None)
+        if mask is not None:  # a subset of a wider label space (ImageNet-A/R): predict only inside it
+            self.state.seen_classes = torch.nonzero(mask).flatten().tolist()
+        elif not self.state.seen_classes:
+            self.state.seen_classes = list(range(stream.num_classes))
+        if hasattr(stream, "batches"):
+            return self.adapt(stream.batches(tt.batch_size), stream.num_batches(tt.batch_size))
+        from driftprompt.streams.base import iterate
+
+        def continual_test_sets() -> Any:
+            for exp in stream:
+                for images, targets, extras in iterate(exp.test, tt.batch_size):
+                    extras.setdefault("domain", [exp.domain or f"experience {exp.index}"] * images.shape[0])
+                    yield images, targets, extras
+
+        return self.adapt(continual_test_sets(), sum(-(-len(exp.test) // tt.batch_size) for exp in stream))
 
     def close(self) -> None:
         """Flush and close the logs."""
@@ -121,8 +158,14 @@ def build(config: RunConfig, run_dir: str | Path | None = "auto", registry: Regi
     registry = registry or discover(config.plugin_modules)
     strategies = build_strategies(config, registry)
     stream = build_stream(config, registry)
-    backbone = ViTBackbone(config.backbone.name, config.backbone.weights, **config.backbone.kwargs).to(device)
+    backbone = build_backbone(config).to(device)
     head = nn.Linear(backbone.embed_dim, stream.num_classes).to(device)
+    if config.test_time.head_checkpoint:
+        payload = load(config.test_time.head_checkpoint)
+        try:
+            head.load_state_dict(payload["head"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"The head in '{config.test_time.head_checkpoint}' does not fit this backbone and stream ({str(exc).splitlines()[0][:120]}); use a checkpoint of the same backbone and classes.") from exc
     path: Path | None
     if run_dir is None:
         path = None
@@ -138,6 +181,8 @@ def build(config: RunConfig, run_dir: str | Path | None = "auto", registry: Regi
     # only rank 0 writes logs (and checkpoints, in the loop)
     logger = RunLogger(path, tensorboard=config.log.tensorboard, jsonl=config.log.jsonl) if path is not None and dist_ctx.is_main else None
     state = State(backbone=backbone, head=head, device=device, amp_dtype=amp, config=config, run_dir=path, dist=dist_ctx)
+    if getattr(stream, "class_names", None):
+        state.plugin_state["class_names"] = list(stream.class_names)  # zero-shot CLIP strategies read them
     hooks = Hooks(EngineDefaults(), strategies)
     return Run(config, registry, state, hooks, strategies, stream, logger, path)
 
