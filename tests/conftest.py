@@ -28,6 +28,7 @@ TINY_OPTIONS: dict[str, dict[str, Any]] = {
     "qprompt": {"prompt_length": 2, "capacity": 4, "prefix_length": 2, "mine_hidden": 8},
     "tpt": {"clip": {"model_config": str(Path(__file__).parent / "assets" / "tiny-clip.json"), "random_init": True}, "views": 8},
     "dynaprompt": {"clip": {"model_config": str(Path(__file__).parent / "assets" / "tiny-clip.json"), "random_init": True}, "views": 8, "buffer_size": 3},
+    "tda": {"clip": {"model_config": str(Path(__file__).parent / "assets" / "tiny-clip.json"), "random_init": True}},
 }
 
 
