@@ -35,8 +35,9 @@ loss sum over tokens of |mean(p) - mean(p_old)| + |std(p) - std(p_old)| (means o
 channels, L1 averaged over tokens, p_old the prompt at the end of the previous experience),
 weight 1, from the second experience on.
 
-The covariances are read from the ordinary training forward passes of the last epoch of each
-experience (every batch by default, ``samples`` images otherwise) by hooking ``norm1`` of the
+The covariances are read from the ordinary training forward passes of the last planned epoch
+of each experience (every batch by default, the last ``samples`` images otherwise; the first
+epoch is read too, as a fallback for single-pass experiences) by hooking ``norm1`` of the
 prompted blocks: the queries are recomputed from its output with the block's own projections.
 The strategy projects every group with ``role: prompt``: the channel side for any tensor whose
 last axis is D, the token side when the group's tokens are the prompt tokens that enter at

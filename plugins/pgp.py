@@ -29,10 +29,11 @@ Which representation protects which parameter (roles from ``trainable_parameters
   free.
 
 How the layer's token representations are collected: during the last ``samples`` training
-images of each epoch (the end of training, so the prompts are those the experience ends
-with), ``norm1`` of each needed block is hooked in the ordinary training forward passes: its
-input is the block's input token stream with every prompt in place, its output the tokens the
-attention projects to queries. Only the last epoch's collection is kept. No extra backbone
+images of the last planned epoch (the end of training, so the prompts are those the
+experience ends with), ``norm1`` of each needed block is hooked in the ordinary training
+forward passes: its input is the block's input token stream with every prompt in place, its
+output the tokens the attention projects to queries. The first epoch is read as well, as a
+fallback for single-pass (online) experiences, and replaced by the last epoch's collection. No extra backbone
 pass runs, except (``forward_subspace`` only, first experience) one no-prompt pass per
 collected batch.
 

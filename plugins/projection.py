@@ -301,9 +301,11 @@ class WindowCollector:
     """Hooks ``norm1`` of chosen blocks during the last training batches of each epoch.
 
     ``samples`` images are wanted: the collector is active for the last ceil(samples / batch)
-    batches of every epoch (epochs can end early, and online streams have a single epoch), and
-    the strategy resets its accumulators at each epoch start, so that what remains at
-    ``experience_end`` comes from the last epoch run, with the prompts of the end of training.
+    batches of the first and of the last planned epoch (``train.epochs``). The strategy resets
+    its accumulators at each epoch start, so what remains at ``experience_end`` comes from the
+    last planned epoch, with the prompts of the end of training; the first epoch's collection
+    is the fallback for experiences that run a single pass (online streams, whatever
+    ``train.epochs`` says) or stop early.
     The callback receives (state, layer, block input x, norm1 output h), detached. Passes run
     without autograd (the frozen query of ``compute_query()``) are ignored: only the prompted,
     differentiable training pass is read.
@@ -319,6 +321,8 @@ class WindowCollector:
         cfg = getattr(state, "config", None)
         if cfg is None:
             return True
+        if state.epoch not in (0, int(cfg.train.epochs) - 1):
+            return False
         batch = int(cfg.train.batch_size)
         per_epoch = math.ceil(len(state.experience.train) / batch)
         window = math.ceil(self.samples / batch)
