@@ -15,7 +15,8 @@ spent in the projection hooks alone (a low-noise measure of what projection adds
 
 ``--cifar10`` instead runs ``vpt`` vs ``vpt+nsp`` and ``l2p`` vs ``l2p+pgp`` on the real CIFAR-10
 images with the random ViT of ``cifar10_mechanics.py`` (its ``config()``), printing accuracy
-matrices, final average accuracy and forgetting:
+matrices, final average accuracy, forgetting, and the drift of experience 0's features (what
+projection acts on, apart from the head's confusion between old and new classes):
 
     DRIFTPROMPT_DATA=../shared/data python benchmarks/projection_overhead.py --cifar10 [--quick]
 
@@ -36,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from driftprompt.engine.config import validate
+from driftprompt.engine import hookimpl
 from driftprompt.engine.events import Event
 from driftprompt.engine.run import build
 
@@ -187,6 +189,35 @@ def overhead(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return results
 
 
+class FeatureDrift:
+    """Relative change of experience 0's test features (the head's input) from after experience 0 to the end.
+
+    Forgetting mixes representation drift with the head's confusion between old and new
+    classes; projection acts on the first only, which this isolates: mean over 100 test images
+    of ||f_end - f_0|| / ||f_0||, through the run's own evaluation path (``eval_step``).
+    """
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.reference: torch.Tensor | None = None
+        self.batch: Any = None
+        self.value = float("nan")
+
+    @hookimpl(trylast=True)
+    def eval_end(self, state: Any) -> None:
+        from driftprompt.streams import iterate
+
+        if self.batch is None:
+            self.batch = next(iter(iterate(self.run.stream[0].test, 100)))
+        images, targets, extras = self.batch
+        self.run.loop.eval_step(images, targets, extras, None)
+        features = state.features.detach().float().clone()
+        if state.experience.index == 0:
+            self.reference = features
+        elif self.reference is not None:
+            self.value = float(((features - self.reference).norm(dim=1) / self.reference.norm(dim=1).clamp_min(1e-12)).mean())
+
+
 def cifar10(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cifar10_mechanics import config  # noqa: E402 - the benchmarks folder is not a package
@@ -199,12 +230,20 @@ def cifar10(args: argparse.Namespace) -> dict[str, Any]:
     for names in CIFAR_RUNS:
         started = time.perf_counter()
         run = build(validate(config(names, per_class, test_per_class, epochs, args.device)), run_dir=None)
+        drift = FeatureDrift(run)
+        run.hooks.pm.register(drift)
         summary = run.fit()
         seconds = time.perf_counter() - started
         key = label(names)
         print(format_accuracy_matrix(AccuracyMatrix.from_list(summary["accuracy"]).values, f"{key} ({seconds:.0f} s)"))
-        print(f"final average accuracy {summary['final_average_accuracy']:.1f}, forgetting {summary['forgetting']:.1f}\n")
-        results[key] = {"accuracy": summary["accuracy"], "final_average_accuracy": summary["final_average_accuracy"], "forgetting": summary["forgetting"], "seconds": seconds}
+        print(f"final average accuracy {summary['final_average_accuracy']:.1f}, forgetting {summary['forgetting']:.1f}, feature drift of experience 0 {drift.value:.3f}\n")
+        results[key] = {
+            "accuracy": summary["accuracy"],
+            "final_average_accuracy": summary["final_average_accuracy"],
+            "forgetting": summary["forgetting"],
+            "feature_drift_e0": drift.value,
+            "seconds": seconds,
+        }
     return {"per_class": per_class, "test_per_class": test_per_class, "epochs": epochs, "results": results}
 
 
