@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from driftprompt.engine import hookimpl
 from driftprompt.engine.run import build
