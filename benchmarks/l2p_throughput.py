@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -29,27 +27,12 @@ import torch.nn.functional as F
 from driftprompt.engine.config import validate
 from driftprompt.engine.run import build
 
+from common import sync, timed  # benchmarks/ is on sys.path when run as a script
+
 VIT_B16_TRAIN_GFLOP_PER_IMAGE = 57.0  # frozen query pass + prompted forward and backward
 BF16_DENSE_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> float:
-    """Median seconds per call over ``steps`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class Reference:

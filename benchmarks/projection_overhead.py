@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,6 +40,8 @@ from driftprompt.engine.config import validate
 from driftprompt.engine import hookimpl
 from driftprompt.engine.events import Event
 from driftprompt.engine.run import build
+
+from common import timed  # benchmarks/ is on sys.path when run as a script
 
 PAIRS: list[tuple[list[Any], list[Any]]] = [
     (["l2p"], ["l2p", "pgp"]),
@@ -49,23 +51,6 @@ PAIRS: list[tuple[list[Any], list[Any]]] = [
 CIFAR_RUNS: list[list[Any]] = [["vpt"], ["vpt", "nsp"], ["l2p"], ["l2p", "pgp"]]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> float:
-    """Median seconds per call over ``steps`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def label(names: list[Any]) -> str:

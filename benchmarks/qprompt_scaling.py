@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,24 +32,9 @@ from driftprompt.engine import Event
 from driftprompt.engine.config import validate
 from driftprompt.engine.run import Run, build
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from common import timed  # benchmarks/ is on sys.path when run as a script
 
 
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> float:
-    """Median seconds per call over ``steps`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_run(device: torch.device, name: str, model_kwargs: dict[str, Any], batch: int, experiences: int, options: dict[str, Any]) -> Run:
