@@ -51,10 +51,9 @@ import logging
 from typing import Any
 
 import torch
-
 from driftprompt.engine import ConfigError, State, hookimpl
 
-from .projection import UpdateSnapshot, WindowCollector, attention_parts, key_weight, null_space_projector, optimizer_groups, per_layer_views, prompt_positions, token_layout
+from .projection import UpdateSnapshot, WindowCollector, attention_parts, key_weight, null_space_projector, optimizer_groups, per_layer_views, prompt_positions, reduce_statistics, token_layout
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +258,7 @@ class NSP:
                 log.warning("nsp: no strategy declared trainable parameters, so there is nothing to project; list a prompt strategy such as vpt with nsp.")
                 self._warned = True
             return
-        collected = self._final or self._acc
+        collected = reduce_statistics(state, self._final or self._acc)
         for (kind, layer), value in collected.items():
             store = self.affinity if kind == "affinity" else self.aggregation
             if layer in store and store[layer].shape != value.shape:

@@ -65,7 +65,6 @@ import logging
 from typing import Any, Sequence
 
 import torch
-
 from driftprompt.engine import ConfigError, State, hookimpl
 
 from .projection import (
@@ -78,6 +77,7 @@ from .projection import (
     orthonormal_span,
     per_layer_views,
     prefix_key_index,
+    reduce_statistics,
     remove_component,
     token_layout,
 )
@@ -320,7 +320,7 @@ class PGP:
                 log.warning("pgp: no strategy declared trainable parameters, so there is nothing to project; list a prompt strategy with pgp.")
                 self._warned = True
             return
-        collected = self._final or self._acc
+        collected = reduce_statistics(state, self._final or self._acc)
         for memory in sorted({m for _, _, m in self.plan(state)}):
             self._update_memory(state, memory, collected)
         if self.forward_subspace and self.experiences == 0:

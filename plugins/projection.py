@@ -403,3 +403,24 @@ def optimizer_groups(state: Any) -> list[dict[str, Any]]:
     if state.optimizer is not None:
         return list(state.optimizer.param_groups)
     return list(state.param_groups)
+
+
+def reduce_statistics(state: Any, collected: dict[Any, Any]) -> dict[Any, Any]:
+    """Combine per-process representation statistics under torchrun (a no-op in one process).
+
+    Gram and covariance matrices are sums over samples, so they are summed over processes;
+    lists of sampled rows (the sample-space variant) are concatenated in rank order. Keys are
+    visited in sorted order so that every process issues the same collectives.
+    """
+    dist = state.dist
+    if not dist.enabled:
+        return collected
+    out: dict[Any, Any] = {}
+    for key in sorted(collected, key=str):
+        value = collected[key]
+        if torch.is_tensor(value):
+            out[key] = dist.all_reduce_(value.clone(), "the projection-statistics reduction")
+        else:
+            parts = dist.all_gather_object([r.cpu() for r in value], "the projection-statistics gather")
+            out[key] = [r.to(state.device) for part in parts for r in part]
+    return out

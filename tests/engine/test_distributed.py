@@ -35,10 +35,9 @@ def _config(strategies: list) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("strategy", ["finetune", "ncm", "l2p"])
-def test_two_processes_reach_the_single_process_accuracy_matrix(tmp_path, strategy):
-    spec = {"name": strategy, **TINY_OPTIONS.get(strategy, {})}
-    cfg = _config([spec])
+@pytest.mark.parametrize("strategies", [["finetune"], ["ncm"], ["l2p"], ["l2p", "pgp"]], ids="+".join)
+def test_two_processes_reach_the_single_process_accuracy_matrix(tmp_path, strategies):
+    cfg = _config([{"name": name, **TINY_OPTIONS.get(name, {})} for name in strategies])
     one = _torchrun(tmp_path, cfg, tmp_path / "one", nproc=1)
     assert one.returncode == 0, one.stderr
     two = _torchrun(tmp_path, cfg, tmp_path / "two")
