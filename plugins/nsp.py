@@ -53,7 +53,19 @@ from typing import Any
 import torch
 from driftprompt.engine import ConfigError, State, hookimpl
 
-from .projection import UpdateSnapshot, WindowCollector, attention_parts, key_weight, null_space_projector, optimizer_groups, per_layer_views, prompt_positions, reduce_statistics, token_layout
+from .projection import (
+    UpdateSnapshot,
+    WindowCollector,
+    WindowedStatistics,
+    attention_parts,
+    key_weight,
+    null_space_projector,
+    optimizer_groups,
+    per_layer_views,
+    prompt_positions,
+    reduce_statistics,
+    token_layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +95,7 @@ def affinity_rows(q: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhnd,hdf->bhnf", q.float(), w_k.float()).reshape(-1, w_k.shape[-1])
 
 
-class NSP:
+class NSP(WindowedStatistics):
     """Project prompt updates into the null space of old experiences' attention statistics.
 
     Args:
@@ -161,31 +173,12 @@ class NSP:
         self._projectors = {}
 
     @hookimpl
-    def experience_start(self, state: State) -> None:
-        self._acc, self._final = {}, {}
-        if state.optimizer is not None and state.phase == "train":
-            self._require(state)
-
-    @hookimpl
-    def epoch_start(self, state: State) -> None:
-        self._acc = {}
-
-    @hookimpl
     def batch_start(self, state: State) -> None:
         if state.optimizer is None or not self._collector.active(state):
             return
         layers = {layer for _, _, _, layer in self.plan(state)}
         if layers:
             self._collector.attach(state, layers, self._record)
-
-    @hookimpl
-    def batch_end(self, state: State) -> None:
-        self._collector.detach()
-
-    @hookimpl
-    def epoch_end(self, state: State) -> None:
-        if self._acc:
-            self._final = self._acc
 
     def _record(self, state: State, layer: int, x: torch.Tensor, h: torch.Tensor) -> None:
         backbone = state.backbone

@@ -70,6 +70,7 @@ from driftprompt.engine import ConfigError, State, hookimpl
 from .projection import (
     UpdateSnapshot,
     WindowCollector,
+    WindowedStatistics,
     block_projector,
     frozen_block_inputs,
     gpm_extend,
@@ -102,7 +103,7 @@ def _heads_of(key: str, state: State) -> int:
     return state.backbone.model.blocks[0].attn.num_heads if key.startswith("query:") else 1
 
 
-class PGP:
+class PGP(WindowedStatistics):
     """Project gradients of prompts, keys, prefixes and adapters orthogonally to old experiences' subspaces.
 
     Args:
@@ -231,16 +232,6 @@ class PGP:
         self._projectors = {}
 
     @hookimpl
-    def experience_start(self, state: State) -> None:
-        self._acc, self._final = {}, {}
-        if state.optimizer is not None and state.phase == "train":
-            self._require(state)
-
-    @hookimpl
-    def epoch_start(self, state: State) -> None:
-        self._acc = {}
-
-    @hookimpl
     def batch_start(self, state: State) -> None:
         if state.optimizer is None or not self._collector.active(state):
             return
@@ -270,15 +261,6 @@ class PGP:
                     self._add_gram(self._acc, "key", query)
             if self.forward_subspace and self.experiences == 0:
                 self._record_frozen(state, memories)
-
-    @hookimpl
-    def batch_end(self, state: State) -> None:
-        self._collector.detach()
-
-    @hookimpl
-    def epoch_end(self, state: State) -> None:
-        if self._acc:
-            self._final = self._acc
 
     @hookimpl(trylast=True)
     def before_optimizer_step(self, state: State) -> None:

@@ -26,6 +26,7 @@ import math
 from typing import Any, Callable, Iterable
 
 import torch
+from driftprompt.engine import hookimpl
 from torch import nn
 
 # --- energy-threshold bases (GPM) ---------------------------------------------------------
@@ -424,3 +425,40 @@ def reduce_statistics(state: Any, collected: dict[Any, Any]) -> dict[Any, Any]:
             parts = dist.all_gather_object([r.cpu() for r in value], "the projection-statistics gather")
             out[key] = [r.to(state.device) for part in parts for r in part]
     return out
+
+
+class WindowedStatistics:
+    """Event plumbing shared by the projection strategies (``pgp``, ``nsp``).
+
+    Statistics accumulate per epoch in ``self._acc`` while ``self._collector`` (a
+    :class:`WindowCollector`) is attached during a training batch; the last epoch that collected
+    anything is kept in ``self._final`` for ``experience_end``. Subclasses provide
+    ``_require(state)`` (the one-sentence check that there is something to project),
+    ``batch_start`` (what to attach) and ``experience_end`` (what to build).
+    """
+
+    _acc: dict[Any, Any]
+    _final: dict[Any, Any]
+    _collector: WindowCollector
+
+    def _require(self, state: Any) -> None:
+        raise NotImplementedError
+
+    @hookimpl
+    def experience_start(self, state: Any) -> None:
+        self._acc, self._final = {}, {}
+        if state.optimizer is not None and state.phase == "train":
+            self._require(state)
+
+    @hookimpl
+    def epoch_start(self, state: Any) -> None:
+        self._acc = {}
+
+    @hookimpl
+    def batch_end(self, state: Any) -> None:
+        self._collector.detach()
+
+    @hookimpl
+    def epoch_end(self, state: Any) -> None:
+        if self._acc:
+            self._final = self._acc
