@@ -63,7 +63,6 @@ from .projection import (
     optimizer_groups,
     per_layer_views,
     prompt_positions,
-    reduce_statistics,
     token_layout,
 )
 
@@ -245,13 +244,9 @@ class NSP(WindowedStatistics):
 
     @hookimpl
     def experience_end(self, state: State) -> None:
-        self._collector.detach()
-        if state.optimizer is None:
-            if not self._warned:
-                log.warning("nsp: no strategy declared trainable parameters, so there is nothing to project; list a prompt strategy such as vpt with nsp.")
-                self._warned = True
+        collected = self._end_collection(state, "nsp", "list a prompt strategy such as vpt with nsp.")
+        if collected is None:
             return
-        collected = reduce_statistics(state, self._final or self._acc)
         for (kind, layer), value in collected.items():
             store = self.affinity if kind == "affinity" else self.aggregation
             if layer in store and store[layer].shape != value.shape:

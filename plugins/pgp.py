@@ -78,7 +78,6 @@ from .projection import (
     orthonormal_span,
     per_layer_views,
     prefix_key_index,
-    reduce_statistics,
     remove_component,
     token_layout,
 )
@@ -296,13 +295,9 @@ class PGP(WindowedStatistics):
 
     @hookimpl
     def experience_end(self, state: State) -> None:
-        self._collector.detach()
-        if state.optimizer is None:
-            if not self._warned:
-                log.warning("pgp: no strategy declared trainable parameters, so there is nothing to project; list a prompt strategy with pgp.")
-                self._warned = True
+        collected = self._end_collection(state, "pgp", "list a prompt strategy with pgp.")
+        if collected is None:
             return
-        collected = reduce_statistics(state, self._final or self._acc)
         for memory in sorted({m for _, _, m in self.plan(state)}):
             self._update_memory(state, memory, collected)
         if self.forward_subspace and self.experiences == 0:

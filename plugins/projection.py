@@ -22,11 +22,14 @@ the tokens the attention projects.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Iterable
 
 import torch
 from driftprompt.engine import hookimpl
+
+log = logging.getLogger(__name__)
 from torch import nn
 
 # --- energy-threshold bases (GPM) ---------------------------------------------------------
@@ -440,6 +443,7 @@ class WindowedStatistics:
     _acc: dict[Any, Any]
     _final: dict[Any, Any]
     _collector: WindowCollector
+    _warned: bool = False
 
     def _require(self, state: Any) -> None:
         raise NotImplementedError
@@ -462,3 +466,17 @@ class WindowedStatistics:
     def epoch_end(self, state: Any) -> None:
         if self._acc:
             self._final = self._acc
+
+    def _end_collection(self, state: Any, name: str, hint: str) -> dict[Any, Any] | None:
+        """Close the experience's collection window: the statistics, summed over processes.
+
+        Returns ``None`` (after one warning per run) when nothing trained, so there is nothing
+        to project.
+        """
+        self._collector.detach()
+        if state.optimizer is None:
+            if not self._warned:
+                log.warning("%s: no strategy declared trainable parameters, so there is nothing to project; %s", name, hint)
+                self._warned = True
+            return None
+        return reduce_statistics(state, self._final or self._acc)
