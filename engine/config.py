@@ -52,7 +52,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm, or null")
-    scheduler: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule within each experience")
+    scheduler: Literal["constant", "cosine", "cosine_epoch"] = Field(
+        "constant", description="learning-rate schedule within each experience: constant, cosine (per step, to zero) or cosine_epoch (CODA-Prompt's per-epoch cosine)"
+    )
     reset_optimizer: bool = Field(True, description="build a fresh optimizer at every experience")
     num_workers: int = Field(0, ge=0)
 

@@ -77,6 +77,30 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
 
 
+class EpochSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A ``LambdaLR`` over epochs: the loop steps it at ``epoch_start`` (epochs 1, 2, ...), never per batch."""
+
+
+def cosine_epoch_factor(epoch: int, epochs: int) -> float:
+    """CODA-Prompt's learning-rate factor for ``epoch`` (0-based) of ``epochs`` in an experience.
+
+    GT-RIPL/CODA-Prompt utils/schedulers.py:54 sets ``base * cos(99 pi e / (200 (K - 1)))`` with
+    K = epochs; its scheduler already sets e = 0 when built (schedulers.py:19) and
+    learners/default.py:95 steps it only before epochs 1, 2, ..., so epoch ``epoch`` runs at
+    e = max(epoch - 1, 0): epochs 0 and 1 at the base rate, the last at
+    cos(99 pi (K - 2) / (200 (K - 1))) (0.097 of the base for K = 20). The reference divides by
+    zero for K = 1; here a single epoch simply runs at the base rate.
+    """
+    return math.cos(99.0 * math.pi * max(epoch - 1, 0) / (200.0 * max(epochs - 1, 1)))
+
+
+def cosine_epoch_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> EpochSchedule:
+    """:func:`cosine_epoch_factor` per epoch, rebuilt at every experience like the reference's."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"])
+    return EpochSchedule(optimizer, lambda epoch: cosine_epoch_factor(epoch, epochs))
+
+
 class _Loop:
     def __init__(self, state: State, hooks: Hooks, strategies: list[tuple[str, Any]], logger: Any = None, progress: bool | None = None) -> None:
         self.state = state
@@ -163,7 +187,7 @@ class _Loop:
         assert s.optimizer is not None
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
+        if self.scheduler is not None and not isinstance(self.scheduler, EpochSchedule):
             self.scheduler.step()
         s.step += 1
         self.hooks.fire(Event.AFTER_OPTIMIZER_STEP, s)
@@ -304,7 +328,8 @@ class ContinualLoop(_Loop):
             load_optimizer_state_by_name(s.optimizer, self._saved_optimizer)
         self._saved_optimizer = None
         steps = cfg.train.epochs * math.ceil(len(exp.train) / cfg.train.batch_size)
-        self.scheduler = cosine_schedule(s.optimizer, steps) if cfg.train.scheduler == "cosine" and s.optimizer is not None else None
+        schedules = {"cosine": lambda o: cosine_schedule(o, steps), "cosine_epoch": lambda o: cosine_epoch_schedule(o, cfg.train.epochs)}
+        self.scheduler = schedules[cfg.train.scheduler](s.optimizer) if cfg.train.scheduler in schedules and s.optimizer is not None else None
         return self._allowed(s.seen_classes)
 
     def _train_experience(self, i: int) -> None:
@@ -321,6 +346,8 @@ class ContinualLoop(_Loop):
         for epoch in self._bar(range(epochs), epochs, f"exp {i} epochs"):
             s.epoch = epoch
             self.hooks.fire(Event.EPOCH_START, s)
+            if isinstance(self.scheduler, EpochSchedule) and epoch > 0:
+                self.scheduler.step()
             loss_sum = torch.zeros((), device=s.device)
             n_batches = 0
             batches = _batches(exp.train, cfg.train.batch_size, not online, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
