@@ -67,10 +67,27 @@ class EvalConfig(_Strict):
 class TestTimeConfig(_Strict):
     steps: int = Field(1, ge=0, description="adaptation steps per test sample")
     batch_size: int = Field(1, ge=1, description="1 for sample-wise streams")
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adamw", lr=5e-3, weight_decay=0.01))
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(**TestTimeConfig.default_optimizer()), description="merged onto AdamW, lr 5e-3, weight decay 0.01 (TPT's torch.optim.AdamW(params, lr))")
     reset_optimizer: bool = Field(True, description="fresh optimizer state for every sample")
     episodic: bool = Field(False, description="samples are independent (strategies reset per sample): processes may share the stream out")
     head_checkpoint: str | None = Field(None, description="a driftprompt checkpoint.pt whose trained head the deployed classifier uses")
+
+    @staticmethod
+    def default_optimizer() -> dict[str, Any]:
+        """AdamW, lr 5e-3, weight decay 0.01: TPT's ``torch.optim.AdamW(params, lr)``."""
+        return {"name": "adamw", "lr": 5e-3, "weight_decay": 0.01}
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _merge_optimizer(cls, value: Any) -> Any:
+        """A partial optimizer (e.g. only ``lr``) keeps the test-time default's other fields.
+
+        The default is TPT's ``torch.optim.AdamW(params, lr)`` (azshue/TPT
+        tpt_classification.py:145), whose weight decay is PyTorch's 0.01.
+        """
+        if isinstance(value, dict):
+            return {**cls.default_optimizer(), **value}
+        return value
 
 
 class DistributedConfig(_Strict):
