@@ -2,8 +2,9 @@
 
 A strategy that subclasses :class:`PromptStrategy` keeps its learnable tensors in
 ``self.params`` (an ``nn.ParameterDict``) and gets, for free, the train-time class mask of
-L2P/DualPrompt (when ``self.train_mask`` is true) and ``state_dict``/``load_state_dict`` that
-save and restore those tensors plus whatever ``extra_state`` returns.
+L2P/DualPrompt (when ``self.train_mask`` is true), the reference ports' head initialisation
+(:meth:`PromptStrategy.init_head`) and ``state_dict``/``load_state_dict`` that save and
+restore those tensors plus whatever ``extra_state`` returns.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from driftprompt.engine import State, hookimpl
+from driftprompt.engine import ConfigError, State, hookimpl
 from driftprompt.engine.loop import mask_to_current_experience
+
+HEAD_INITS = ("trunc_normal", "torch")
 
 
 class PromptStrategy:
@@ -29,6 +32,33 @@ class PromptStrategy:
     def before_loss(self, state: State) -> None:
         if self.train_mask:
             mask_to_current_experience(state)
+
+    @staticmethod
+    def init_head(state: State, mode: str, owner: str) -> None:
+        """Initialise ``state.head`` as the L2P/DualPrompt ports' timm ViT does, or leave it.
+
+        ``"trunc_normal"``: weights from a normal of std 0.02 truncated at +-2 (absolute bounds,
+        as timm's ``trunc_normal_``) and zero bias, the ``init_weights_vit_timm`` rule the ports
+        apply to their head (JH-LEE-KR/l2p-pytorch vision_transformer.py:519-524,
+        JH-LEE-KR/dualprompt-pytorch vision_transformer.py:611-616). The draw uses its own
+        generator seeded by the run's seed, so it is reproducible and leaves the global random
+        stream untouched. ``"torch"`` keeps ``nn.Linear``'s default. A head loaded from
+        ``test_time.head_checkpoint`` is never overwritten.
+        """
+        if mode not in HEAD_INITS:
+            raise ConfigError(f"{owner} head_init {mode!r} does not exist; use one of {', '.join(HEAD_INITS)}.")
+        head = state.head
+        if mode == "torch" or not isinstance(head, nn.Linear):
+            return
+        if state.config is not None and state.config.test_time.head_checkpoint:
+            return
+        generator = torch.Generator().manual_seed(state.config.seed if state.config is not None else 0)
+        weight = torch.empty(head.weight.shape, dtype=torch.float32)
+        nn.init.trunc_normal_(weight, std=0.02, a=-2.0, b=2.0, generator=generator)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if head.bias is not None:
+                head.bias.zero_()
 
     @staticmethod
     def scaled_lr(base: float | None, state: State) -> dict[str, Any]:

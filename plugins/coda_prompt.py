@@ -18,8 +18,33 @@ initialised orthogonal to every earlier component (Gram-Schmidt, done here with 
 decomposition), for P, K and A separately. An optional penalty ``ortho_mu`` * ||X X^T - I||^2
 keeps components orthogonal during training (0 by default, as in the paper's main runs).
 
-Defaults follow the paper: 100 components, length 8, blocks 0-4, Adam with learning rate 0.001
-and a cosine schedule (set in the configs), class-token head, old classes masked in training.
+Defaults reproduce the reference code, GT-RIPL/CODA-Prompt (cited as file:line):
+
+* 100 components, length 8, orthogonality weight 0: experiments/cifar-100.sh:29
+  (``--prompt_param 100 8 0.0``, read by trainer.py:126 as pool, length, ortho_mu); blocks
+  0-4: models/zoo.py:46. The pool is split evenly over the tasks: models/zoo.py:99-101, 144-146.
+* alpha = cos(q * A_m, K_m) and p = sum alpha_m P_m: models/zoo.py:163-171; first half of
+  the prompt as key prefix, second half as value prefix: models/zoo.py:174-176, applied after
+  the key/value projections per head: models/vit.py:68-73.
+* earlier components detached and later ones unused while training, all seen ones at test:
+  models/zoo.py:148-161. Here the frozen components also stay bit-identical through the
+  optimizer step: the reference builds a fresh optimizer every task (learners/default.py:27,
+  81-83), where Adam's zero-gradient update is exactly zero; with
+  ``train.reset_optimizer: false`` (or weight decay) momentum would move them, so their
+  values are restored after every optimizer step.
+* a new slice orthonormal to every earlier component, Gram-Schmidt from Gaussian draws:
+  models/zoo.py:51-71 and 75-131. The reference's classical Gram-Schmidt projects against the
+  earlier (trained, no longer orthogonal) components one at a time; the QR here makes the new
+  slice orthogonal to their span exactly.
+* the query is the frozen [CLS] feature after the final norm of a no-grad pass of the same
+  backbone: models/zoo.py:392-395; the class-token head: models/zoo.py:397-403, an
+  ``nn.Linear`` with PyTorch's default initialisation (models/zoo.py:374), as the engine builds.
+* only the current task's classes in the loss: learners/prompt.py:29-32.
+* Adam (betas 0.9, 0.999, no weight decay) at learning rate 0.001 over prompts and head,
+  batch 128, 20 epochs, a fresh optimizer per task: configs/cifar-100_prompt.yaml:4-11,
+  learners/prompt.py:47-70. The schedule is the engine's ``train.scheduler: cosine_epoch``
+  (utils/schedulers.py:47-57 stepped at learners/default.py:95): epochs 0 and 1 at the base
+  rate, then lr * cos(99 pi (e - 1) / (200 (K - 1))). These are set in the run's config.
 """
 
 from __future__ import annotations
@@ -100,6 +125,7 @@ class CODAPrompt(PromptStrategy):
         self.active = 0  # components in use: [0, active)
         self.first_trainable = 0  # components [first_trainable, active) are trained now
         self._ortho: torch.Tensor | None = None
+        self._frozen: dict[str, torch.Tensor] = {}  # values of components [0, first_trainable)
 
     @hookimpl
     def init(self, state: State) -> None:
@@ -123,6 +149,23 @@ class CODAPrompt(PromptStrategy):
             for param in self.params.values():
                 param[start:stop] = orthogonal_extension(param[:start], stop - start)
         self.first_trainable, self.active = start, stop
+        self._frozen = {name: param[:start].detach().clone() for name, param in self.params.items()}
+
+    @hookimpl
+    def after_optimizer_step(self, state: State) -> None:
+        """Put back components outside [first_trainable, active) that the step may have moved.
+
+        They carry no gradient (detached or unused), but Adam's momentum from earlier
+        experiences (``train.reset_optimizer: false``) or weight decay still moves them.
+        """
+        if state.phase != "train" or not self._frozen:
+            return
+        with torch.no_grad():
+            for name, param in self.params.items():
+                frozen = self._frozen.get(name)
+                if frozen is not None and frozen.shape[0]:
+                    param[: frozen.shape[0]] = frozen
+                param[self.active :] = 0.0
 
     @hookimpl
     def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:

@@ -10,14 +10,39 @@ weighted by lambda = 0.1. The optional diversified selection of the paper (Secti
 penalises prompts that earlier experiences used often, so new experiences are steered toward
 unused prompts.
 
-Defaults follow the paper and its reference PyTorch port: M=10, L=5, N=5, uniform initial
-prompts and keys, the prompt-mean head, the train-time class mask, Adam with learning rate
-0.03 x batch / 256 and a constant schedule (gradient clipping 1.0 is set in the configs).
+Defaults reproduce the reference PyTorch port, JH-LEE-KR/l2p-pytorch (cited as file:line):
 
-Two deliberate differences from that port: selection is per sample by default (the port's
-batch-wise majority vote is available as ``batchwise_selection`` but leaks task identity when
-test batches come from one experience, so it warns), and the query comes from a no-grad pass
-of the *same* backbone instance rather than a second copy of the model.
+* M=10, L=5, N=5: configs/cifar100_l2p.py:79-81; lambda=0.1: configs/cifar100_l2p.py:92.
+* prompts and keys drawn from U(-1, 1): prompt.py:23-25 and 32-34 (main.py:67 passes
+  ``prompt_key_init='uniform'`` as the prompt initialiser too). Keys of width 768 drawn that
+  way are nearly orthogonal (mean pairwise cosine about 0), where U(0, 1) gave 0.75.
+* the frozen class-token position embedding is added to every prompt token: the port
+  concatenates the prompts before the position embedding is added (vision_transformer.py:470-478)
+  and lengthens that embedding by N*L positions (vision_transformer.py:386-388), which the
+  pretrained checkpoint fills with copies of the class token's (``resize_pos_embed``,
+  vision_transformer.py:662-671, called on loading at :620-628 and :696-703); the embedding is
+  frozen (configs/cifar100_l2p.py:97). ``prompt_pos_embed="none"`` gives the paper's
+  formulation (no position embedding), ``"learned"`` a learnable zero-initialised one.
+* the prompt-mean head: configs/cifar100_l2p.py:96, vision_transformer.py:496-498; the head's
+  weights trunc-normal (std 0.02), bias zero: vision_transformer.py:412-421 and 519-524.
+* the train-time class mask: configs/cifar100_l2p.py:74, engine.py:59-64.
+* Adam, learning rate 0.03 x batch / 256 with the per-device batch (``unscale_lr=True``),
+  constant schedule, a fresh optimizer per task: configs/cifar100_l2p.py:15, 21, 24-25, 36,
+  main.py:117-121, engine.py:227-229. Batch 16, 5 epochs and gradient clipping 1.0
+  (configs/cifar100_l2p.py:4-5, 18) are set in the run's config.
+* the loss: the port subtracts lambda * sum of the selected keys' cosines / B
+  (engine.py:66-68, prompt.py:98-102); :func:`pull_loss` adds lambda * sum (1 - cos) / B,
+  which is that plus the constant lambda * N, so gradients are identical.
+
+Deliberate differences, each with an option that restores the port's behaviour:
+
+* selection is per sample; the port's batch-wise majority vote (configs/cifar100_l2p.py:88,
+  prompt.py:71-82) is ``batchwise_selection=True``. It leaks task identity when test batches
+  come from one experience, so it warns. On tied counts it picks the lowest prompt id, where
+  the port leaves the order to ``torch.topk``.
+* the query comes from a no-grad pass of the *same* frozen backbone rather than a second copy
+  of the model (main.py:48-55, engine.py:49-52); both hold the same weights and the query pass
+  carries no prompts, so the query is the same number.
 """
 
 from __future__ import annotations
@@ -32,11 +57,12 @@ from torch import nn
 from driftprompt.engine import ConfigError, State, hookimpl
 from driftprompt.engine.loop import cross_entropy
 
-from .base import PromptStrategy
+from .base import HEAD_INITS, PromptStrategy
 
 log = logging.getLogger(__name__)
 
 HEADS = ("prompt", "cls")
+PROMPT_POS_EMBEDS = ("cls", "none", "learned")
 
 
 # --- pure functions ---------------------------------------------------------------------
@@ -82,6 +108,20 @@ def pull_loss(keys: torch.Tensor, query: torch.Tensor, idx: torch.Tensor) -> tor
     return (1.0 - (q * k).sum(dim=-1)).sum(dim=1).mean()
 
 
+def class_position_embedding(backbone: Any) -> torch.Tensor:
+    """The frozen position embedding of the class token, (D,), detached.
+
+    L2P's port gives every prompt token this embedding (see the module docstring). Raises a
+    ``ConfigError`` for a backbone without one (no class token, or ``no_embed_class``).
+    """
+    model = getattr(backbone, "model", None)
+    pos = getattr(model, "pos_embed", None)
+    if pos is None or getattr(model, "no_embed_class", False) or getattr(backbone, "num_prefix_tokens", 0) < 1:
+        name = getattr(backbone, "name", type(backbone).__name__)
+        raise ConfigError(f"l2p prompt_pos_embed='cls' needs a backbone whose class token has a position embedding, and '{name}' has none; set prompt_pos_embed to 'none' or 'learned'.")
+    return pos.detach()[0, 0].clone()
+
+
 def gather_prompts(prompts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Concatenate the selected prompts (M, L, D)[idx] into tokens of shape (B, N * L, D)."""
     selected = prompts[idx]  # B, N, L, D
@@ -104,8 +144,12 @@ class L2P(PromptStrategy):
         diversify: the paper's frequency-penalised selection during training (False).
         batchwise_selection: the reference port's batch majority vote (False; leaks task
             identity whenever a test batch comes from one experience).
-        prompt_pos_embed: give prompt tokens a learnable position embedding (False: prompts
-            are inserted after the position embedding, as in the paper's formulation).
+        prompt_pos_embed: position embedding of the prompt tokens: ``"cls"`` adds the frozen
+            class-token position embedding to each, as the port does (default); ``"none"``
+            adds nothing (the paper's formulation); ``"learned"`` adds a learnable embedding
+            initialised to zero. ``True``/``False`` are read as ``"learned"``/``"none"``.
+        head_init: ``"trunc_normal"`` (std 0.02, zero bias, as the port; default) or
+            ``"torch"`` (``nn.Linear``'s own initialisation).
         lr: base learning rate of prompts, keys and head, scaled by batch / 256 (0.03);
             ``None`` uses the run's optimizer setting.
     """
@@ -120,9 +164,16 @@ class L2P(PromptStrategy):
         train_mask: bool = True,
         diversify: bool = False,
         batchwise_selection: bool = False,
-        prompt_pos_embed: bool = False,
+        prompt_pos_embed: str | bool = "cls",
+        head_init: str = "trunc_normal",
         lr: float | None = 0.03,
     ) -> None:
+        if isinstance(prompt_pos_embed, bool):
+            prompt_pos_embed = "learned" if prompt_pos_embed else "none"
+        if prompt_pos_embed not in PROMPT_POS_EMBEDS:
+            raise ConfigError(f"l2p prompt_pos_embed {prompt_pos_embed!r} does not exist; use one of {', '.join(PROMPT_POS_EMBEDS)}.")
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"l2p head_init {head_init!r} does not exist; use one of {', '.join(HEAD_INITS)}.")
         if pool_size < 1 or prompt_length < 1 or top_k < 1:
             raise ConfigError(f"l2p needs pool_size, prompt_length and top_k of at least 1, got {pool_size}, {prompt_length}, {top_k}.")
         if top_k > pool_size:
@@ -135,7 +186,8 @@ class L2P(PromptStrategy):
         self.pool_size, self.prompt_length, self.top_k = pool_size, prompt_length, top_k
         self.pull_coeff, self.head, self.train_mask = pull_coeff, head, train_mask
         self.diversify, self.batchwise_selection = diversify, batchwise_selection
-        self.prompt_pos_embed, self.lr = prompt_pos_embed, lr
+        self.prompt_pos_embed, self.head_init, self.lr = prompt_pos_embed, head_init, lr
+        self._cls_pos: torch.Tensor | None = None  # the frozen class-token position embedding
         self.counts: torch.Tensor | None = None  # selections per prompt, all training so far
         self.frequency: torch.Tensor | None = None  # normalised counts up to the previous experience
         self._idx: torch.Tensor | None = None
@@ -143,12 +195,15 @@ class L2P(PromptStrategy):
     @hookimpl
     def init(self, state: State) -> None:
         dim = state.backbone.embed_dim
-        # uniform initial prompts and keys, as in the reference port
-        self.params["prompts"] = nn.Parameter(torch.rand(self.pool_size, self.prompt_length, dim, device=state.device))
-        self.params["prompt_keys"] = nn.Parameter(torch.rand(self.pool_size, dim, device=state.device))
-        if self.prompt_pos_embed:
+        # U(-1, 1) prompts and keys: l2p-pytorch prompt.py:23-25 and 32-34
+        self.params["prompts"] = nn.Parameter(torch.empty(self.pool_size, self.prompt_length, dim, device=state.device).uniform_(-1.0, 1.0))
+        self.params["prompt_keys"] = nn.Parameter(torch.empty(self.pool_size, dim, device=state.device).uniform_(-1.0, 1.0))
+        if self.prompt_pos_embed == "learned":
             self.params["pos"] = nn.Parameter(torch.zeros(self.top_k * self.prompt_length, dim, device=state.device))
+        elif self.prompt_pos_embed == "cls":
+            self._cls_pos = class_position_embedding(state.backbone).to(state.device)
         self.counts = torch.zeros(self.pool_size, device=state.device)
+        self.init_head(state, self.head_init, "l2p")
 
     @hookimpl
     def experience_end(self, state: State) -> None:
@@ -190,6 +245,8 @@ class L2P(PromptStrategy):
         tokens = gather_prompts(self.params["prompts"], idx)
         if "pos" in self.params:
             tokens = tokens + self.params["pos"]
+        elif self._cls_pos is not None:
+            tokens = tokens + self._cls_pos.to(tokens.dtype)
         state.prompts.add_tokens(tokens)
         if self.head == "prompt":
             state.prompts.pool = "prompt_mean"
