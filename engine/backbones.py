@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,61 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+RESIZE_MODES = ("bicubic", "bilinear", "nearest")
+
+
+def normalization_stats(normalize: Any, pretrained_cfg: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) that :meth:`ViTBackbone.preprocess` applies to 0-1 pixels.
+
+    Args:
+        normalize: ``"model"`` for the weights' own pretrained mean/std (timm's
+            ``pretrained_cfg``), ``"none"`` to feed 0-1 pixels unchanged (what the L2P,
+            DualPrompt and CODA-Prompt reference code does), or a mapping / object with ``mean``
+            and ``std`` of three values each.
+        pretrained_cfg: the timm model's ``pretrained_cfg``.
+    """
+    if normalize is None or normalize == "model":
+        cfg = pretrained_cfg or {}
+        return tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+    if normalize == "none":
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    get = normalize.get if isinstance(normalize, dict) else lambda k: getattr(normalize, k, None)
+    mean, std = get("mean"), get("std")
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise BackboneError(
+            f"backbone.normalize {normalize!r} cannot be applied to RGB input; use 'model', 'none' or {{mean: [r, g, b], std: [r, g, b]}} with positive std."
+        )
+    return mean, std
+
+
+def resize_and_crop(x: torch.Tensor, size: tuple[int, int], resize: int | None = None, interpolation: str = "bicubic") -> torch.Tensor:
+    """Bring float images (B, 3, H, W) to ``size``, with torchvision's tensor resize.
+
+    ``resize=None`` resizes straight to ``size`` (nothing happens when it already fits).
+    ``resize=N`` is torchvision's ``Resize(N)`` (shorter side to N, aspect kept) followed by
+    ``CenterCrop(size)``: the evaluation transform of the L2P and DualPrompt reference ports
+    (l2p-pytorch datasets.py:208-213, resize 256 then crop 224). Values are clamped to 0-1
+    afterwards, as an 8-bit image resized by PIL would be.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    if interpolation not in RESIZE_MODES:
+        raise BackboneError(f"Unknown interpolation '{interpolation}'; use one of {', '.join(RESIZE_MODES)}.")
+    mode = InterpolationMode(interpolation)
+    if resize is None:
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        out = TF.resize(x, list(size), interpolation=mode, antialias=interpolation != "nearest")
+    else:
+        out = TF.center_crop(TF.resize(x, [int(resize)], interpolation=mode, antialias=interpolation != "nearest"), list(size))
+    return out.clamp_(0.0, 1.0)
+
+
 class ViTBackbone(nn.Module):
     """A frozen timm Vision Transformer whose forward pass accepts prompts.
 
@@ -54,10 +110,12 @@ class ViTBackbone(nn.Module):
         weights: ``"pretrained"`` to load the timm weights by name (from the network or the
             local Hugging Face cache), a path to a ``.safetensors`` or ``.pth`` file, or
             ``"random"`` for random initialisation (tests and offline demos only).
+        normalize: input normalisation (see :func:`normalization_stats`): ``"model"``
+            (default, the weights' own mean/std), ``"none"``, or explicit mean and std.
         **model_kwargs: passed to ``timm.create_model`` (``img_size``, ``depth``, ...).
     """
 
-    def __init__(self, name: str, weights: str | Path = "pretrained", **model_kwargs: Any) -> None:
+    def __init__(self, name: str, weights: str | Path = "pretrained", normalize: Any = "model", **model_kwargs: Any) -> None:
         super().__init__()
         import timm
         from timm.models.vision_transformer import VisionTransformer
@@ -97,8 +155,12 @@ class ViTBackbone(nn.Module):
         self.depth: int = len(model.blocks)
         self.image_size: tuple[int, int] = tuple(model.patch_embed.img_size)  # type: ignore[assignment]
         self.interpolation: str = cfg.get("interpolation", "bicubic")
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
+        mean, std = normalization_stats(normalize, cfg)
+        self.normalize = normalize if isinstance(normalize, str) else {"mean": list(mean), "std": list(std)}
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # evaluation resize (shorter side before the centre crop) and resampling; see evaluating()
+        self.view: tuple[int | None, str | None] = (None, None)
 
     @staticmethod
     def _load_file(model: nn.Module, path: Path, name: str) -> None:
@@ -134,15 +196,37 @@ class ViTBackbone(nn.Module):
         """Turn a batch of images into model input, on whatever device ``images`` lives.
 
         Accepts uint8 (0-255) or float (0-1) tensors of shape (B, 3, H, W); resizes to the
-        model's resolution with its pretrained interpolation and normalises with its mean/std.
+        model's resolution with its pretrained interpolation and normalises with the mean/std
+        chosen by ``normalize`` (all zeros and ones for ``"none"``). Inside
+        :meth:`evaluating` the resize follows that view instead (e.g. shorter side to 256,
+        then a 224 centre crop).
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise BackboneError(f"Expected a batch of RGB images shaped (B, 3, H, W), got {tuple(images.shape)}; convert grey images to 3 channels.")
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        if tuple(x.shape[-2:]) != self.image_size:
-            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=self.image_size, mode=mode, align_corners=False, antialias=True)
+        resize, interpolation = self.view
+        mode = interpolation or ("bicubic" if self.interpolation == "bicubic" else "bilinear")
+        if resize is not None or tuple(x.shape[-2:]) != self.image_size:
+            x = resize_and_crop(x, self.image_size, resize, mode)
         return (x - self.mean) / self.std
+
+    @contextmanager
+    def evaluating(self, resize: int | None = None, interpolation: str | None = None) -> Iterator[None]:
+        """Within this block :meth:`preprocess` gives the evaluation view of each image.
+
+        Args:
+            resize: shorter side before a centre crop to the input size (torchvision's
+                ``Resize(resize)`` + ``CenterCrop``); ``None`` resizes straight to the input size.
+            interpolation: ``"bicubic"``, ``"bilinear"`` or ``None`` for the weights' own.
+        """
+        if interpolation is not None and interpolation not in RESIZE_MODES:
+            raise BackboneError(f"Unknown interpolation '{interpolation}'; use one of {', '.join(RESIZE_MODES)}.")
+        previous = self.view
+        self.view = (resize, interpolation)
+        try:
+            yield
+        finally:
+            self.view = previous
 
     # --- token stream ------------------------------------------------------------------------
 

@@ -21,6 +21,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+NORMALIZE_CHOICES = "'model' (the weights' own pretrained mean/std), 'none' (0-1 pixels), or {mean: [r, g, b], std: [r, g, b]} with positive std"
+
+
+class NormalizeSpec(_Strict):
+    """Explicit per-channel normalisation: the model sees ``(pixel - mean) / std``, pixels in 0-1."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
 class BackboneConfig(_Strict):
     """Which frozen backbone to use and where its weights come from."""
 
@@ -30,6 +40,37 @@ class BackboneConfig(_Strict):
     pretrained: str | None = Field(None, description="clip only: the open_clip pretrained tag, e.g. 'openai'")
     clip_config: str | None = Field(None, description="clip only: an open_clip model config JSON, for offline checkpoints")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model options (img_size, depth, ...)")
+    normalize: Literal["model", "none"] | NormalizeSpec = Field(
+        "model", description=f"input normalisation after scaling pixels to 0-1: {NORMALIZE_CHOICES}"
+    )
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _check_normalize(cls, value: Any) -> Any:
+        # One sentence for every wrong shape, instead of pydantic's per-branch union errors.
+        if isinstance(value, str) and value in ("model", "none"):
+            return value
+        if isinstance(value, NormalizeSpec):
+            return value
+        ok = isinstance(value, dict) and set(value) == {"mean", "std"}
+        if ok:
+            try:
+                mean = [float(v) for v in value["mean"]]
+                std = [float(v) for v in value["std"]]
+            except (TypeError, ValueError):
+                ok = False
+            else:
+                ok = len(mean) == 3 and len(std) == 3 and all(s > 0 for s in std)
+        if not ok:
+            raise ConfigError(f"Config key 'backbone.normalize' cannot be {value!r}; use {NORMALIZE_CHOICES}, one value per RGB channel.")
+        return value
+
+    @field_validator("normalize")
+    @classmethod
+    def _clip_normalises_itself(cls, value: Any, info: Any) -> Any:
+        if info.data.get("kind") == "clip" and value != "model":
+            raise ConfigError("Config key 'backbone.normalize' applies to timm backbones only (CLIP uses its own preprocessing); remove it or set it to 'model'.")
+        return value
 
 
 class StreamConfig(_Strict):
@@ -62,6 +103,13 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     future: bool = Field(False, description="also evaluate experiences not trained yet (needed for forward transfer)")
+    classes: Literal["seen", "all"] = Field(
+        "seen", description="classes a prediction may take at evaluation: 'seen' (those trained so far) or 'all' (every class of the stream, trained or not)"
+    )
+    resize: int | None = Field(
+        None, ge=1, description="resize the shorter side to this many pixels, then centre-crop to the backbone's input size (256 for a 224 input); null resizes straight to the input size"
+    )
+    interpolation: Literal["model", "bicubic", "bilinear"] = Field("model", description="resampling of evaluation images; 'model' is the weights' own (bicubic for timm ViTs)")
 
 
 class TestTimeConfig(_Strict):

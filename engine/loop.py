@@ -426,28 +426,64 @@ class ContinualLoop(_Loop):
         return 100.0 * float(correct) / max(total, 1)
 
     def _evaluate(self, i: int) -> None:
-        """Accuracy row ``i``: every seen experience, and future ones when asked."""
+        """Accuracy row ``i``: every seen experience, and future ones when asked.
+
+        ``eval.classes`` sets the classes a prediction may take: ``seen`` (those trained so
+        far, plus the evaluated experience's own when it lies in the future), as CODA-Prompt
+        scores (CODA-Prompt learners/default.py:179, logits cut to ``valid_out_dim``); or
+        ``all``, every class of the stream, as the L2P and DualPrompt ports score
+        (l2p-pytorch engine.py:119-131, masked only for task-incremental runs). A
+        task-incremental stream always predicts among the task's own classes. Images take the
+        evaluation view ``eval.resize`` / ``eval.interpolation`` (see
+        ``ViTBackbone.evaluating``).
+        """
+        import contextlib
+
+        from .errors import ConfigError
+
         s, cfg = self.state, self.config
+        mode = getattr(cfg.eval, "classes", "seen")
+        task_incremental = getattr(self.stream, "scenario", "") == "task_incremental"
+        if mode == "all" and task_incremental:
+            raise ConfigError("eval.classes: all contradicts a task-incremental stream, which predicts among each task's own classes; set eval.classes: seen.")
+        for name, plugin in self.strategies:
+            supported = getattr(plugin, "eval_classes", ("seen", "all"))
+            if mode not in supported:
+                raise ConfigError(f"Strategy '{name}' cannot score eval.classes: {mode}; set eval.classes to one of {', '.join(supported)}.")
+        view = getattr(s.backbone, "evaluating", None)
+        resize, interpolation = getattr(cfg.eval, "resize", None), getattr(cfg.eval, "interpolation", "model")
+        if view is None and (resize is not None or interpolation != "model"):
+            raise ConfigError(f"eval.resize and eval.interpolation apply to timm ViT backbones, not {type(s.backbone).__name__}; remove them.")
         s.phase = "eval"
         self.hooks.fire(Event.EVAL_START, s)
         last = len(self.stream) if cfg.eval.future else i + 1
-        task_incremental = getattr(self.stream, "scenario", "") == "task_incremental"
-        for j in range(last):
-            exp = self.stream[j]
-            if task_incremental:  # the task id is known at test time: predict among its classes
-                classes = exp.classes
-            else:
-                classes = s.seen_classes if j <= i else s.seen_classes + exp.classes
-            self.accuracy.set(i, j, self._eval_accuracy(exp, self._allowed(classes)))
+        with view(resize, None if interpolation == "model" else interpolation) if view is not None else contextlib.nullcontext():
+            for j in range(last):
+                exp = self.stream[j]
+                if task_incremental:  # the task id is known at test time: predict among its classes
+                    classes = exp.classes
+                elif mode == "all":
+                    classes = list(range(s.num_classes))
+                else:
+                    classes = s.seen_classes if j <= i else s.seen_classes + exp.classes
+                self.accuracy.set(i, j, self._eval_accuracy(exp, self._allowed(classes)))
         s.eval_experience = None
         s.phase = "train"
         self.hooks.fire(Event.EVAL_END, s)
 
     def _evaluate_untrained(self) -> list[float]:
-        """Accuracy of the untrained model on each experience, its own classes unmasked (for FWT)."""
-        s = self.state
+        """Accuracy of the untrained model on each experience, its own classes unmasked (for FWT).
+
+        Uses the same evaluation view of the images as :meth:`_evaluate`.
+        """
+        import contextlib
+
+        s, cfg = self.state, self.config
+        view = getattr(s.backbone, "evaluating", None)
+        interpolation = getattr(cfg.eval, "interpolation", "model")
         s.phase = "eval"
-        out = [self._eval_accuracy(exp, self._allowed(exp.classes)) for exp in self.stream]
+        with view(getattr(cfg.eval, "resize", None), None if interpolation == "model" else interpolation) if view is not None else contextlib.nullcontext():
+            out = [self._eval_accuracy(exp, self._allowed(exp.classes)) for exp in self.stream]
         s.eval_experience = None
         s.phase = "train"
         return out

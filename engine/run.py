@@ -60,7 +60,8 @@ def build_backbone(config: RunConfig) -> nn.Module:
 
         local = b.weights not in ("pretrained", "random")
         return CLIPBackbone(b.name, pretrained=b.pretrained if b.weights == "pretrained" else None, checkpoint=b.weights if local else None, model_config=b.clip_config, random_init=b.weights == "random")
-    return ViTBackbone(b.name, b.weights, **b.kwargs)
+    normalize = b.normalize if isinstance(b.normalize, str) else b.normalize.model_dump()
+    return ViTBackbone(b.name, b.weights, normalize=normalize, **b.kwargs)
 
 
 def default_run_dir(config: RunConfig) -> Path:

@@ -14,7 +14,7 @@ builders (``corruption_test_time``, ``imagenet_test_time``) return a
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -33,6 +33,19 @@ from .splits import class_incremental
 from .synthetic import synthetic_split
 from .testtime import DomainSource, TestTimeStream, corruption_domains, test_time_stream
 
+#: ``class_order`` option: an explicit list, ``"natural"`` (the dataset's label order 0, 1, 2, ...,
+#: as the L2P, DualPrompt and CODA-Prompt reference code uses), or ``None`` (shuffled by ``seed``).
+ClassOrder = Union[Sequence[int], Literal["natural"], None]
+
+
+def resolve_class_order(class_order: ClassOrder, train: Dataset) -> Sequence[int] | None:
+    """``"natural"`` becomes the sorted labels of ``train``; anything else is returned as it is."""
+    if isinstance(class_order, str):
+        if class_order != "natural":
+            raise StreamError(f"class_order '{class_order}' is not known; give 'natural', a list of every class, or leave it out to shuffle by seed.")
+        return sorted(int(c) for c in torch.unique(targets_of(train)).tolist())
+    return class_order
+
 
 def synthetic_class_incremental(
     num_classes: int = 10,
@@ -41,12 +54,12 @@ def synthetic_class_incremental(
     test_per_class: int = 32,
     image_size: int = 32,
     difficulty: float = 0.6,
-    class_order: Sequence[int] | None = None,
+    class_order: ClassOrder = None,
     seed: int = 0,
 ) -> Stream:
     """Class-incremental stream of synthetic colour-field images (no download, for demos and tests)."""
     train, test = synthetic_split(num_classes, train_per_class, test_per_class, image_size, seed, difficulty)
-    return class_incremental(train, test, n_experiences, class_order=class_order, seed=seed, name="synthetic")
+    return class_incremental(train, test, n_experiences, class_order=resolve_class_order(class_order, train), seed=seed, name="synthetic")
 
 
 def make_scenario(
@@ -56,7 +69,7 @@ def make_scenario(
     name: str,
     scenario: str = "class_incremental",
     n_experiences: int = 5,
-    class_order: Sequence[int] | None = None,
+    class_order: ClassOrder = None,
     seed: int = 0,
     leak: float = 0.1,
     disjoint_fraction: float = 0.0,
@@ -72,7 +85,8 @@ def make_scenario(
         scenario: ``class_incremental``, ``task_incremental``, ``domain_incremental`` or
             ``blurry``.
         n_experiences: experiences (class- and task-incremental, blurry).
-        class_order: explicit class order; ``seed`` shuffles it otherwise.
+        class_order: explicit class order, or ``"natural"`` for the label order 0, 1, 2, ...;
+            left out, ``seed`` shuffles the classes.
         leak, disjoint_fraction: blurry-boundary parameters (see ``scenarios.blurry``).
         domains: corruption names, one experience each (domain-incremental; default all 15).
         severity: corruption severity 1-5 of every domain.
@@ -81,6 +95,7 @@ def make_scenario(
         boundaries: expose experience boundaries (only meaningful with ``online_pass``).
     """
     width = len(class_names) or int(targets_of(train).max()) + 1
+    class_order = resolve_class_order(class_order, train)
     if scenario == "class_incremental":
         stream = class_incremental(train, test, n_experiences, class_order=class_order, seed=seed, class_names=class_names, num_classes=width, name=name)
     elif scenario == "task_incremental":
@@ -122,7 +137,7 @@ def torchvision_stream(
     test_per_class: int | None = None,
     scenario: str = "class_incremental",
     n_experiences: int = 5,
-    class_order: Sequence[int] | None = None,
+    class_order: ClassOrder = None,
     seed: int = 0,
     leak: float = 0.1,
     disjoint_fraction: float = 0.0,
@@ -139,12 +154,12 @@ def torchvision_stream(
     return make_scenario(train, test, names, dataset, scenario, n_experiences, class_order, seed, leak, disjoint_fraction, domains, severity, share_samples, online_pass, boundaries)
 
 
-def cifar10(root: str | None = None, download: bool = False, per_class: int | None = None, test_per_class: int | None = None, scenario: str = "class_incremental", n_experiences: int = 5, class_order: Sequence[int] | None = None, seed: int = 0, leak: float = 0.1, disjoint_fraction: float = 0.0, domains: Sequence[str] | None = None, severity: int = 5, share_samples: bool = False, online_pass: bool = False, boundaries: bool = True) -> Stream:
+def cifar10(root: str | None = None, download: bool = False, per_class: int | None = None, test_per_class: int | None = None, scenario: str = "class_incremental", n_experiences: int = 5, class_order: ClassOrder = None, seed: int = 0, leak: float = 0.1, disjoint_fraction: float = 0.0, domains: Sequence[str] | None = None, severity: int = 5, share_samples: bool = False, online_pass: bool = False, boundaries: bool = True) -> Stream:
     """CIFAR-10 (torchvision files under root or $DRIFTPROMPT_DATA) as a continual scenario."""
     return torchvision_stream("cifar10", root, download, per_class, test_per_class, scenario, n_experiences, class_order, seed, leak, disjoint_fraction, domains, severity, share_samples, online_pass, boundaries)
 
 
-def cifar100(root: str | None = None, download: bool = False, per_class: int | None = None, test_per_class: int | None = None, scenario: str = "class_incremental", n_experiences: int = 10, class_order: Sequence[int] | None = None, seed: int = 0, leak: float = 0.1, disjoint_fraction: float = 0.0, domains: Sequence[str] | None = None, severity: int = 5, share_samples: bool = False, online_pass: bool = False, boundaries: bool = True) -> Stream:
+def cifar100(root: str | None = None, download: bool = False, per_class: int | None = None, test_per_class: int | None = None, scenario: str = "class_incremental", n_experiences: int = 10, class_order: ClassOrder = None, seed: int = 0, leak: float = 0.1, disjoint_fraction: float = 0.0, domains: Sequence[str] | None = None, severity: int = 5, share_samples: bool = False, online_pass: bool = False, boundaries: bool = True) -> Stream:
     """CIFAR-100 (torchvision files under root or $DRIFTPROMPT_DATA) as a continual scenario."""
     return torchvision_stream("cifar100", root, download, per_class, test_per_class, scenario, n_experiences, class_order, seed, leak, disjoint_fraction, domains, severity, share_samples, online_pass, boundaries)
 
@@ -163,7 +178,7 @@ def image_folder(
     cache_dir: str | None = None,
     scenario: str = "class_incremental",
     n_experiences: int = 5,
-    class_order: Sequence[int] | None = None,
+    class_order: ClassOrder = None,
     seed: int = 0,
     leak: float = 0.1,
     disjoint_fraction: float = 0.0,
@@ -211,7 +226,7 @@ def image_tar(
     cache_dir: str | None = None,
     scenario: str = "class_incremental",
     n_experiences: int = 5,
-    class_order: Sequence[int] | None = None,
+    class_order: ClassOrder = None,
     seed: int = 0,
     leak: float = 0.1,
     disjoint_fraction: float = 0.0,
