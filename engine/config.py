@@ -98,6 +98,9 @@ class TrainConfig(_Strict):
     )
     reset_optimizer: bool = Field(True, description="build a fresh optimizer at every experience")
     num_workers: int = Field(0, ge=0)
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a step whose loss or gradient is not finite: stop the run naming it, or skip it (the update is not applied) and count it"
+    )
 
 
 class EvalConfig(_Strict):

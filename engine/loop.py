@@ -6,6 +6,7 @@ Neither loop knows any strategy: they walk the fixed sequence of :class:`Event` 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Iterable, Iterator
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_save, rng_state, set_rng_state
-from .errors import CheckpointError, PluginError
+from .errors import CheckpointError, PluginError, StreamError
 from .events import Event
 from .hookspecs import hookimpl
 from .metrics import AccuracyMatrix
@@ -23,6 +24,8 @@ from .optim import build_optimizer, load_optimizer_state_by_name, merge_param_gr
 from .plugins import Hooks
 from .runtime import autocast, data_generator
 from .state import State
+
+log = logging.getLogger(__name__)
 
 
 class EngineDefaults:
@@ -44,7 +47,9 @@ def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Set the logits of classes outside ``allowed`` (a boolean mask) to the dtype's minimum.
 
     A finite minimum, not ``-inf``: softmax still gives them zero probability, and entropies
-    (``p * log p``) stay finite.
+    (``p * log p``) stay finite. A *target* whose logit is masked has no meaningful
+    cross-entropy (about 3e38, or inf): :func:`cross_entropy` flags that case, and the
+    non-finite guard stops the run naming it as the cause.
     """
     return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
 
@@ -175,22 +180,60 @@ class _Loop:
                 f"{[g['name'] for g in s.param_groups]}); a strategy's loss must use the parameters it declares, or the forward that uses them."
             )
         s.loss.backward()
+        params = [p for g in s.param_groups for p in g["params"]]
         # data parallelism: gradients averaged over processes, weighted by their batch shares
         # (never in the test-time loop, where each process adapts on its own samples)
         if self.sync_gradients:
-            s.dist.average_gradients([p for g in s.param_groups for p in g["params"]], self._local, self._total)
+            s.dist.average_gradients(params, self._local, self._total)
         self.hooks.fire(Event.AFTER_BACKWARD, s)
         self.hooks.fire(Event.BEFORE_OPTIMIZER_STEP, s)
         # Clip after projection hooks: scaling keeps a projected gradient's direction.
         if clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in s.param_groups for p in g["params"]], clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # Non-finite terms and gradients are folded into device flags: no host sync per step.
+        bad = self._last_step_bad = self._nonfinite_guard().observe(terms, grad_norm, s.plugin_state.pop(MASKED_TARGET_KEY, None))
+        skip = nonfinite_mode(s) == "skip"
         assert s.optimizer is not None
+        if skip:  # a bad step changes neither the parameters nor the optimizer's moments
+            saved = [(p, p.detach().clone()) for p in params]
+            saved += [(v, v.clone()) for p in params for v in s.optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0 and v.device == p.device]
+            for p in params:
+                if p.grad is not None:
+                    p.grad.masked_fill_(bad, 0.0)
         s.optimizer.step()
+        if skip:
+            with torch.no_grad():
+                for t, old in saved:
+                    t.copy_(torch.where(bad, old, t))
         s.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None and not isinstance(self.scheduler, EpochSchedule):
             self.scheduler.step()
         s.step += 1
+        if not skip and s.step % NONFINITE_CHECK_EVERY == 0:
+            self.check_numerics(reset=False)  # a long epoch (or a test stream) is not left to run on NaN
         self.hooks.fire(Event.AFTER_OPTIMIZER_STEP, s)
+
+    def _nonfinite_guard(self) -> NonFiniteGuard:
+        guard = getattr(self, "_guard", None)
+        if guard is None or guard.device != self.state.device:
+            guard = self._guard = NonFiniteGuard(self.state.device, self.state.step)
+        return guard
+
+    def check_numerics(self, reset: bool = True) -> int:
+        """Read the non-finite flags of the steps since the last check (one host sync).
+
+        Call it at a natural sync point (end of an epoch, a logging step) and always before
+        writing a checkpoint. With ``train.nonfinite: stop`` a bad step raises a
+        :class:`PluginError` naming the step, the loss term and its strategy; with ``skip``
+        it returns the number of skipped steps since the last check (``reset`` starts a new
+        count).
+        """
+        guard = getattr(self, "_guard", None)
+        if guard is None:
+            return 0
+        return guard.check(self.state, self.hooks, nonfinite_mode(self.state), reset)
 
     def _allowed(self, classes: list[int]) -> torch.Tensor | None:
         """Mask of the classes predictions may take; ``None`` when that is every class.
@@ -350,6 +393,7 @@ class ContinualLoop(_Loop):
                 self.scheduler.step()
             loss_sum = torch.zeros((), device=s.device)
             n_batches = 0
+            self._last_step_bad = None
             batches = _batches(exp.train, cfg.train.batch_size, not online, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
             for b, (images, targets, extras) in enumerate(self._bar(batches, math.ceil(len(exp.train) / cfg.train.batch_size), f"exp {i} epoch {epoch}")):
                 s.batch_index = b
@@ -357,14 +401,23 @@ class ContinualLoop(_Loop):
                     continue  # a last batch smaller than the number of processes: every process skips it
                 images_seen += images.shape[0]
                 if self.train_step(images, targets, extras, seen) is not None:
-                    loss_sum += s.loss.detach()  # type: ignore[union-attr]
+                    bad = self._last_step_bad
+                    loss = s.loss.detach()  # type: ignore[union-attr]
+                    loss_sum += loss if bad is None else torch.where(bad, torch.zeros_like(loss), loss)
                     n_batches += 1
                 if s.stop:
                     break
+            # before epoch_end, the evaluation and the checkpoint: nothing sees a NaN state
+            skipped = self.check_numerics()
             self.hooks.fire(Event.EPOCH_END, s)
             s.dist.all_reduce_(loss_sum, "the loss reduction")
+            extra: dict[str, Any] = {}
+            if nonfinite_mode(s) == "skip":
+                extra["skipped_steps"] = skipped
+                self.accuracy.notes["skipped_nonfinite_steps"] = self.accuracy.notes.get("skipped_nonfinite_steps", 0) + skipped
             if self.logger is not None and n_batches:
-                self.logger.log("train", s.step, experience=i, epoch=epoch, loss=float(loss_sum) / (n_batches * s.dist.world_size))
+                good = n_batches * s.dist.world_size - skipped
+                self.logger.log("train", s.step, experience=i, epoch=epoch, loss=float(loss_sum) / good if good > 0 else None, **extra)
             if s.stop:
                 break
         train_seconds = time.perf_counter() - started
@@ -410,7 +463,18 @@ class ContinualLoop(_Loop):
         return logits
 
     def _eval_accuracy(self, exp: Any, allowed: torch.Tensor | None) -> float:
+        """Accuracy (percent) on ``exp``'s test split; NaN, with a warning, when it has no image.
+
+        An experience without test images has no accuracy: it is marked in the accuracy
+        matrix (left out of the averages, listed in the summary) instead of counting as 0%.
+        """
         s, cfg = self.state, self.config
+        if len(exp.test) == 0:
+            if all(len(e.test) == 0 for e in self.stream):
+                raise StreamError("No experience of the stream has a test image, so no accuracy can be measured; give the stream test data (e.g. stream.options.test_per_class).")
+            if self.accuracy.mark_empty(exp.index):
+                log.warning("Experience %d has no test images: it is left out of the accuracy averages (summary.json lists it under empty_test_experiences).", exp.index)
+            return math.nan
         s.eval_experience = exp
         correct = torch.zeros((), dtype=torch.long, device=s.device)
         total = 0
@@ -598,7 +662,111 @@ def _batches(dataset: Any, batch_size: int, shuffle: bool, generator: torch.Gene
     return iterate(dataset, batch_size, shuffle, generator, num_workers)
 
 
+MASKED_TARGET_KEY = "engine.masked_target"
+NONFINITE_CHECK_EVERY = 100  # optimizer steps between reads of the flags within an epoch
+HUGE_LOSS = 1e30  # a term this large overflows fp32 once summed: as good as non-finite
+_GRADIENT = "<gradient>"
+_MASKED = "<masked target>"
+
+
 def cross_entropy(state: State) -> torch.Tensor:
-    """Cross-entropy of ``state.logits`` against ``state.targets``, computed in fp32."""
+    """Cross-entropy of ``state.logits`` against ``state.targets``, computed in fp32.
+
+    While training, it also records on the device (no host sync) whether some target's logit
+    was masked by :func:`mask_logits`, so that the resulting huge or infinite loss is
+    reported with its cause.
+    """
     assert state.logits is not None and state.targets is not None
-    return F.cross_entropy(state.logits.float(), state.targets)
+    logits = state.logits
+    if state.training and logits.dim() == 2 and state.targets.dim() == 1 and not state.targets.is_floating_point():
+        target_logit = logits.detach().gather(1, state.targets.clamp(0, logits.shape[1] - 1)[:, None])
+        masked = (target_logit == torch.finfo(logits.dtype).min).any()
+        prev = state.plugin_state.get(MASKED_TARGET_KEY)
+        state.plugin_state[MASKED_TARGET_KEY] = masked if prev is None else prev | masked
+    return F.cross_entropy(logits.float(), state.targets)
+
+
+def nonfinite_mode(state: State) -> str:
+    """``train.nonfinite`` of the run's config: "stop" (the default) or "skip"."""
+    return str(getattr(getattr(state.config, "train", None), "nonfinite", "stop"))
+
+
+class NonFiniteGuard:
+    """Device-side record of bad optimizer steps, read only at sync points.
+
+    Each step folds ``torch.isfinite`` of every loss term (a term beyond ``HUGE_LOSS`` counts
+    as non-finite) and of the gradient norm into device tensors: per term, the first bad step
+    since the last reset, and the number of bad steps. :meth:`check` reads them all with
+    one transfer.
+
+    Args:
+        device: where the flags live (the training device).
+        step: the run's step counter when the record starts.
+    """
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.device = device
+        self.offset = step
+        self._new()
+
+    def _new(self) -> None:
+        self.count = torch.zeros((), dtype=torch.long, device=self.device)
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first: dict[str, torch.Tensor] = {}
+
+    def _mark(self, name: str, flag: torch.Tensor) -> None:
+        cur = self.first.get(name)
+        if cur is None:
+            cur = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.first[name] = torch.where((cur < 0) & flag, self.count, cur)
+
+    def observe(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor | None, masked: torch.Tensor | None) -> torch.Tensor:
+        """Fold one step in; returns its device-side ``bad`` flag (a 0-dim bool tensor)."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        for name, term in terms.items():
+            t = term.detach().float()
+            flag = ~(torch.isfinite(t) & (t.abs() < HUGE_LOSS)).all()
+            self._mark(name, flag)
+            bad = bad | flag
+        if grad_norm is not None:
+            flag = ~torch.isfinite(grad_norm.detach().to(self.device))
+            self._mark(_GRADIENT, flag)
+            bad = bad | flag
+        if masked is not None:
+            self._mark(_MASKED, masked & bad)
+        self.bad_steps += bad
+        self.count += 1
+        return bad
+
+    def check(self, state: State, hooks: Hooks, mode: str, reset: bool = True) -> int:
+        """Read the record: raise in ``stop`` mode, else return the bad steps since the last reset."""
+        names = list(self.first)
+        bad_anywhere = state.dist.all_reduce_(self.bad_steps.clone(), "the non-finite check")
+        count, bad_total, *firsts = torch.stack([self.count, bad_anywhere, *(self.first[n] for n in names)]).tolist()
+        found = {n: self.offset + v for n, v in zip(names, firsts) if v >= 0}
+        if reset:
+            self.offset += count
+            self._new()
+        if bad_total == 0 or mode == "skip":
+            return bad_total
+        raise PluginError(self._message(state, hooks, found))
+
+    def _message(self, state: State, hooks: Hooks, found: dict[str, int]) -> str:
+        if not any(n != _MASKED for n in found):
+            return "Training stopped: another process met a non-finite loss or gradient (see its log); fix the strategy's loss, or set train.nonfinite: skip to drop such steps."
+        step = min(v for n, v in found.items() if n != _MASKED)
+        terms = [n for n, v in found.items() if v == step and n not in (_GRADIENT, _MASKED)]
+        owners = hooks.loss_terms_by_strategy(state) if terms else {}
+        strategies = [name for name, _ in hooks.strategies]
+        if terms:
+            what = ", ".join(f"loss term '{t}' of strategy '{owners.get(t, '/'.join(strategies) or '?')}'" for t in terms)
+            what += (" is" if len(terms) == 1 else " are") + " not finite (nan, inf, or beyond 1e30)"
+        else:
+            what = f"the gradient of the trainable parameters (strategies {', '.join(repr(n) for n in strategies)}) is not finite"
+        if found.get(_MASKED) == step:
+            return (
+                f"Training stopped at step {step}: {what} because a training target's class logit was masked (mask_logits sets it to the dtype's minimum, "
+                "so its cross-entropy is about 3e38 or inf), as when replayed old-class samples meet a mask of the current experience's classes; "
+                "keep the targets' classes allowed (e.g. mask_current: false), or set train.nonfinite: skip to drop such steps."
+            )
+        return f"Training stopped at step {step}: {what}; lower the learning rate or fix the strategy's loss, or set train.nonfinite: skip to drop such steps (their update is not applied)."

@@ -435,6 +435,25 @@ class AccuracyMatrix:
         ):
             raise ValueError(f"`num_experiences` must be a positive integer, but got {num_experiences!r}.")
         self._acc = np.full((int(num_experiences), int(num_experiences)), np.nan, dtype=np.float64)
+        self.empty: set[int] = set()
+        """Experiences whose test split holds no image: their entries stay ``NaN``."""
+        self.notes: dict[str, Any] = {}
+        """Run facts that :meth:`summary` reports too (e.g. ``skipped_nonfinite_steps``)."""
+
+    def mark_empty(self, evaluated: int) -> bool:
+        """Records that experience ``evaluated`` has no test image, so it has no accuracy.
+
+        Its entries stay ``NaN``: the accuracy averages leave it out, and a difference-based
+        metric that needs it is ``None``. :meth:`summary` lists it under
+        ``"empty_test_experiences"``.
+
+        Returns:
+            ``True`` the first time the experience is marked.
+        """
+        j = self._check_index(evaluated, "evaluated")
+        new = j not in self.empty
+        self.empty.add(j)
+        return new
 
     @property
     def num_experiences(self) -> int:
@@ -477,6 +496,8 @@ class AccuracyMatrix:
         j = self._check_index(evaluated, "evaluated")
         if isinstance(value, torch.Tensor):
             value = value.item()
+        if j in self.empty and isinstance(value, float) and math.isnan(value):
+            return  # no test image: nothing to record
         try:
             val = float(value)
         except (TypeError, ValueError) as exc:
@@ -529,6 +550,12 @@ class AccuracyMatrix:
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     continue
                 matrix.set(i, j, value)
+        # A seen experience is always evaluated; one without a value in any row that had
+        # seen it (while later rows were written) had no test image.
+        k = matrix.rows_written
+        for j in range(k - 1):
+            if np.isnan(matrix._acc[j:k, j]).all():
+                matrix.empty.add(j)
         return matrix
 
     def summary(self, baseline: Sequence[float | None] | np.ndarray | None = None) -> dict[str, float | None]:
@@ -553,7 +580,11 @@ class AccuracyMatrix:
             raise ValueError("The accuracy matrix is empty; record at least one accuracy before summarising.")
         if baseline is not None:
             baseline = _as_baseline(baseline, k)
-        return summarize(self._acc[:k, :k], baseline)
+        out: dict[str, Any] = summarize(self._acc[:k, :k], baseline)
+        if self.empty:
+            out["empty_test_experiences"] = sorted(self.empty)
+        out.update(self.notes)
+        return out
 
     def __repr__(self) -> str:
         return f"AccuracyMatrix(num_experiences={self.num_experiences}, rows_written={self.rows_written})"

@@ -270,6 +270,26 @@ class Hooks:
                 terms[key] = value
         return terms
 
+    def loss_terms_by_strategy(self, state: Any) -> dict[str, str]:
+        """Which strategy returns each loss term, asked of every strategy separately on ``state``.
+
+        A diagnostic for error messages (a non-finite term is reported with its strategy), not
+        called per step: each strategy's ``loss_terms`` runs again without autograd, and one
+        that fails is left out rather than hide the fault being reported.
+        """
+        import torch
+
+        owners: dict[str, str] = {}
+        for impl in self.pm.hook.loss_terms.get_hookimpls():
+            try:
+                with torch.no_grad():
+                    result = impl.function(state=state)
+            except Exception:  # noqa: BLE001 - attribution is best effort
+                continue
+            for key in result or {}:
+                owners.setdefault(key, impl.plugin_name)
+        return owners
+
     def trainable_parameters(self, state: Any) -> list[dict[str, Any]]:
         """Collect parameter groups from every strategy, described and without duplicates."""
         groups: list[dict[str, Any]] = []
