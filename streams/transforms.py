@@ -1,8 +1,11 @@
 """Train and eval transforms derived from a backbone's pretrained configuration.
 
 The engine already resizes and normalises every batch on the device
-(``ViTBackbone.preprocess``), so evaluation needs nothing more; :class:`EvalTransform` is the
-same operation as a stand-alone callable (with an optional centre crop). :class:`TrainAugment`
+(``ViTBackbone.preprocess``, with the evaluation view ``eval.resize`` inside
+``ViTBackbone.evaluating``); :class:`EvalTransform` is the same operation as a stand-alone
+callable: resize straight to the input size, or torchvision's ``Resize(resize)`` +
+``CenterCrop(size)`` (the L2P/DualPrompt evaluation transform, l2p-pytorch datasets.py:208-213),
+then the normalisation ``"model"``, ``"none"`` or an explicit mean/std. :class:`TrainAugment`
 is the usual training augmentation, random-resized crop (Szegedy et al., "Going Deeper with
 Convolutions", CVPR 2015, as implemented by torchvision's ``RandomResizedCrop``) and horizontal
 flip, done for a whole batch at once with one ``grid_sample`` on the batch's device. It only
@@ -48,29 +51,50 @@ def _mode(interpolation: str) -> str:
 
 
 class EvalTransform:
-    """Resize (optionally centre-crop by ``crop_pct``) and normalise a batch, on its device.
+    """Resize (optionally centre-crop) and normalise a batch, on its device.
 
-    With ``crop_pct=1`` this equals ``ViTBackbone.preprocess``. Returns float tensors.
+    Args:
+        config: input size, interpolation, mean and std.
+        normalize: ``True`` or ``"model"`` uses ``config.mean``/``config.std``; ``False`` or
+            ``"none"`` leaves 0-1 pixels; a mapping ``{mean, std}`` gives them explicitly.
+        resize: shorter side before a centre crop to ``config.image_size`` (torchvision's
+            ``Resize(resize)`` + ``CenterCrop``); ``None`` uses ``config.crop_pct`` instead.
+
+    With ``crop_pct=1`` and ``resize=None`` this equals ``ViTBackbone.preprocess``; with
+    ``resize`` it equals ``preprocess`` inside ``ViTBackbone.evaluating(resize)``. Returns
+    float tensors.
     """
 
-    def __init__(self, config: PretrainedConfig, normalize: bool = True) -> None:
+    def __init__(self, config: PretrainedConfig, normalize: Any = True, resize: int | None = None) -> None:
+        from driftprompt.engine.backbones import normalization_stats
+
         self.config = config
+        self.resize = resize
+        if normalize is True:
+            normalize = "model"
+        elif normalize is False:
+            normalize = "none"
         self.normalize = normalize
+        self.mean, self.std = normalization_stats(normalize, {"mean": config.mean, "std": config.std})
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from driftprompt.engine.backbones import resize_and_crop
+
         cfg = self.config
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         h, w = cfg.image_size
-        if cfg.crop_pct < 1.0:
+        if self.resize is not None:
+            x = resize_and_crop(x, (h, w), self.resize, _mode(cfg.interpolation))
+        elif cfg.crop_pct < 1.0:
             big = (math.floor(h / cfg.crop_pct), math.floor(w / cfg.crop_pct))
             x = F.interpolate(x, size=big, mode=_mode(cfg.interpolation), align_corners=False, antialias=cfg.interpolation != "nearest")
             top, left = (big[0] - h) // 2, (big[1] - w) // 2
             x = x[..., top : top + h, left : left + w]
         elif tuple(x.shape[-2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode=_mode(cfg.interpolation), align_corners=False, antialias=cfg.interpolation != "nearest")
-        if self.normalize:
-            mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
+        if self.normalize != "none":
+            mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
             x = (x - mean) / std
         return x
 
@@ -166,6 +190,11 @@ def train_augment_for(backbone: Any, **overrides: Any) -> TrainAugment:
 
 
 def eval_transform_for(backbone: Any, **overrides: Any) -> EvalTransform:
-    """:class:`EvalTransform` for a backbone; ``overrides`` replace pretrained-config fields."""
+    """:class:`EvalTransform` for a backbone; ``overrides`` replace pretrained-config fields.
+
+    ``normalize`` and ``resize`` are passed to :class:`EvalTransform`. A ``ViTBackbone``'s
+    mean/std already reflect its ``normalize`` option, so the default reproduces its input.
+    """
     normalize = overrides.pop("normalize", True)
-    return EvalTransform(replace(PretrainedConfig.from_backbone(backbone), **overrides), normalize)
+    resize = overrides.pop("resize", None)
+    return EvalTransform(replace(PretrainedConfig.from_backbone(backbone), **overrides), normalize, resize)
