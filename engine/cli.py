@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import load_config, validate
-from .errors import DriftpromptError, PluginError
+from .errors import DriftpromptError, RunFinished, RunInterrupted, describe
 from .loggers import format_accuracy_matrix, format_summary, side_by_side
 from .metrics import AccuracyMatrix
 from .plugins import BLOCK_ENV, discover
@@ -33,7 +36,12 @@ Each run writes RUN_DIR/config.yaml (resolved), metrics.jsonl, tensorboard/, che
 (after every experience, written atomically) and summary.json.
 """
 
-EPILOG = f"Set {BLOCK_ENV}=name1,name2 to keep named external plugins from loading."
+DEBUG_ENV = "DRIFTPROMPT_DEBUG"
+
+EPILOG = f"Set {BLOCK_ENV}=name1,name2 to keep named external plugins from loading. Errors print one line; --debug or {DEBUG_ENV}=1 adds the traceback. What each error means: docs/failures.md."
+
+# the run directory of the command in progress, for the resume hint after an interrupt
+_current_run_dir: list[Path] = []
 
 DEMO_STRATEGIES = ("finetune", "ncm")
 
@@ -57,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
     parser.add_argument("--run-dir", metavar="DIR", help="where to write this run (default runs/<name>-<time>)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    parser.add_argument("--debug", action="store_true", help=f"print the full traceback of an error (or set {DEBUG_ENV}=1)")
     return parser
 
 
@@ -92,7 +101,8 @@ def cmd_demo(run_root: str | None) -> int:
     summaries = []
     for strategy in DEMO_STRATEGIES:
         config = validate(demo_config(strategy))
-        with build(config, Path(run_root) / config.name if run_root else "auto") as run:
+        with build(config, Path(run_root) / config.name if run_root else "auto", mode="fit") as run:
+            _current_run_dir[:] = [run.run_dir] if run.run_dir else []
             summaries.append(run.fit())
             print(f"{strategy}: logs in {run.run_dir}")
     _print_result(summaries)
@@ -103,7 +113,8 @@ def cmd_run(config_path: str | None, overrides: Sequence[str], run_dir: str | No
     from .run import build
 
     config = load_config(config_path, overrides)
-    with build(config, run_dir or "auto") as run:
+    with build(config, run_dir or "auto", mode="fit") as run:
+        _current_run_dir[:] = [run.run_dir] if run.run_dir else []
         print(f"run directory: {run.run_dir}")
         summary = run.fit()
     _print_result([summary])
@@ -114,7 +125,8 @@ def cmd_adapt(config_path: str | None, overrides: Sequence[str], run_dir: str | 
     from .run import build
 
     config = load_config(config_path, overrides)
-    with build(config, run_dir or "auto") as run:
+    with build(config, run_dir or "auto", mode="adapt") as run:
+        _current_run_dir[:] = [run.run_dir] if run.run_dir else []
         print(f"run directory: {run.run_dir}")
         result = run.adapt_stream()
     if run.state.dist.is_main:
@@ -129,18 +141,40 @@ def cmd_resume(run_dir: str, extra: Sequence[str]) -> int:
 
     if extra:
         raise DriftpromptError("--resume takes no config or overrides: a resumed run keeps the config saved in its directory.")
-    with resume(run_dir) as run:
+    try:
+        run = resume(run_dir)
+    except RunFinished as done:
+        print(done)
+        return 0
+    with run:
+        _current_run_dir[:] = [Path(run_dir)]
         print(f"resuming {run.run_dir} at experience {run.loop.start}")
         summary = run.fit()
     _print_result([summary])
     return 0
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise RunInterrupted()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python launch.py`` and ``driftprompt``; returns the exit status."""
+    """Entry point of ``python launch.py`` and ``driftprompt``; returns the exit status.
+
+    Every failure ends in one line on stderr, ``error: <sentence>``, and a nonzero status:
+    2 for errors a user can fix (config, plugins, data, checkpoints, files), 1 for an
+    unexpected exception (named, with its plugin and event when a strategy raised it),
+    130 after SIGINT and 143 after SIGTERM (both finish the checkpoint being written and
+    print the resume command). ``--debug`` or ``DRIFTPROMPT_DEBUG=1`` adds the traceback.
+    """
     args = _parser().parse_intermixed_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     items = list(args.items)
+    _current_run_dir.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.resume:
             return cmd_resume(args.resume, items)
@@ -155,14 +189,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = None if "=" in items[0] else items[0]
         overrides = items[1:] if config_path is not None else items
         return cmd_run(config_path, overrides, args.run_dir)
-    except DriftpromptError as exc:
-        if isinstance(exc, PluginError) and getattr(exc, "show_traceback", False) and exc.__cause__ is not None:
-            traceback.print_exception(exc.__cause__, file=sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last finished experience is in the run's checkpoint; continue with --resume RUN_DIR", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        what = "SIGTERM" if isinstance(exc, RunInterrupted) else "SIGINT"
+        where = _current_run_dir[0] if _current_run_dir else None
+        if where is not None and (where / "checkpoint.pt").exists():
+            hint = f"continue from the last checkpoint with: driftprompt --resume {where}"
+        elif where is not None:
+            hint = f"no checkpoint was written yet, so start again (or delete {where})"
+        else:
+            hint = "nothing was written"
+        print(f"interrupted by {what}: {hint}", file=sys.stderr)
+        return 143 if isinstance(exc, RunInterrupted) else 130
+    except BaseException as exc:  # noqa: BLE001 - the last line of defence: one sentence, never a traceback
+        if isinstance(exc, SystemExit):
+            raise
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"error: {describe(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, (DriftpromptError, OSError)) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

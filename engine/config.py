@@ -153,6 +153,12 @@ class LogConfig(_Strict):
     progress: bool | None = Field(None, description="progress bars; null shows them only on a terminal")
 
 
+class CheckpointConfig(_Strict):
+    """When the continual loop writes ``checkpoint.pt`` (always after every experience)."""
+
+    every_steps: int | None = Field(None, ge=1, description="also checkpoint every N optimizer steps inside an experience (null: only after experiences)")
+
+
 class StrategySpec(_Strict):
     """One strategy to instantiate: its registered name and constructor options."""
 
@@ -178,6 +184,15 @@ class RunConfig(_Strict):
     plugin_modules: list[str] = Field(default_factory=list, description="extra plugin modules or .py files to load")
     log: LogConfig = Field(default_factory=LogConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # the name becomes a folder under runs/: it must not climb out of it
+        if not value or value in (".", "..") or any(c in value for c in ("/", "\\", "\0")):
+            raise ValueError("a run name is a plain file name: no path separators, no '..', not empty")
+        return value
 
     @field_validator("strategies", mode="before")
     @classmethod
@@ -243,17 +258,43 @@ def validate(data: dict[str, Any]) -> RunConfig:
 # --- files and overrides -----------------------------------------------------------------
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything bigger is a mistake
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``."""
+    """Read a YAML mapping with ``yaml.safe_load``.
+
+    Refuses files that are not UTF-8 text, files over a megabyte, and YAML aliases (``*name``):
+    an alias can expand a kilobyte of YAML into gigabytes (the "billion laughs"), and configs
+    never need one.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist; pass the path of a YAML file (see configs/).")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Config file '{path}' cannot be read ({exc.strerror or exc}); check its permissions.") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"Config file '{path}' is {len(raw)} bytes, more than a config can be ({MAX_CONFIG_BYTES}); pass the YAML config, not a data file.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file '{path}' is not UTF-8 text (byte {exc.start} cannot be decoded); pass a YAML file.") from None
+    if "\0" in text:
+        raise ConfigError(f"Config file '{path}' holds NUL bytes, so it is not a text file; pass a YAML file.")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise ConfigError(f"Config file '{path}' uses a YAML alias (*{event.anchor}) at line {line}; configs do not allow aliases, so write the value out.")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"Config file '{path}' is not valid YAML{where}; fix the syntax there.") from None
+    except RecursionError:
+        raise ConfigError(f"Config file '{path}' is nested too deeply to be a config; flatten it.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -312,3 +353,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def dump_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved configuration as YAML (key order kept)."""
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+# --- fingerprints for --resume -------------------------------------------------------------
+
+#: Keys a resumed run may change: they touch where and how fast a run goes, never its result.
+#: A prefix covers its whole section. Documented in docs/failures.md.
+SAFE_TO_CHANGE: tuple[str, ...] = ("run_dir", "device", "log", "eval.batch_size", "train.num_workers", "distributed", "checkpoint")
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values (list items by index: ``strategies.0.options.pool_size``)."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data:
+        out = {}
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}.{i}" if prefix else str(i)))
+        return out
+    return {prefix: data}
+
+
+def is_safe_change(key: str) -> bool:
+    """Whether ``key`` (dotted) is on the :data:`SAFE_TO_CHANGE` list."""
+    return any(key == safe or key.startswith(safe + ".") for safe in SAFE_TO_CHANGE)
+
+
+def config_record(config: RunConfig) -> str:
+    """The resolved config as canonical JSON, stored in every checkpoint."""
+    import json
+
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
+
+
+def changed_keys(recorded: str, config: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between a :func:`config_record` and ``config``,
+    leaving out the keys that are safe to change."""
+    import json
+
+    old, new = flatten(json.loads(recorded)), flatten(json.loads(config_record(config)))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    return [k for k in keys if not is_safe_change(k)]

@@ -25,3 +25,68 @@ class CheckpointError(DriftpromptError):
 
 class StreamError(DriftpromptError):
     """A stream cannot be built from the given data or options."""
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM, raised like ``KeyboardInterrupt`` so that ``finally`` blocks and atomic writes finish."""
+
+
+def condense(text: str, limit: int = 300) -> str:
+    """One line from a message that may span several (PyTorch's unpickling errors do).
+
+    Keeps the first line that says something, drops ANSI escapes and the trailing full stop,
+    and cuts overly long text, so that it can be embedded in one sentence.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    line = " ".join(line.split()).rstrip(".:;, ")
+    return line if len(line) <= limit else line[: limit - 3].rstrip() + "..."
+
+
+_OS_HINTS = {
+    "EACCES": "check the permissions of that path or choose another location",
+    "EPERM": "check the permissions of that path or choose another location",
+    "EROFS": "the file system is read-only; choose a writable location",
+    "ENOSPC": "free some disk space, then continue the run with --resume",
+    "EDQUOT": "free some disk quota, then continue the run with --resume",
+    "ENOTDIR": "a part of the path is a file, not a folder; choose another path",
+    "EEXIST": "a file is in the way; choose another path",
+    "ENOENT": "check the path",
+    "EISDIR": "the path is a folder; pass a file",
+    "ENAMETOOLONG": "choose a shorter path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``OSError`` as one sentence naming the path, the cause and what to do."""
+    import errno as _errno
+
+    code = _errno.errorcode.get(exc.errno or 0, "")
+    cause = exc.strerror or condense(str(exc)) or type(exc).__name__
+    where = f" '{exc.filename}'" if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where += f" -> '{exc.filename2}'"
+    hint = _OS_HINTS.get(code, "check the path and try again")
+    return f"Cannot use{where}: {cause}; {hint}."
+
+
+def describe(exc: BaseException) -> str:
+    """The one sentence that the CLI prints (and a failed run records) for any exception."""
+    if isinstance(exc, DriftpromptError):
+        return condense(str(exc), limit=2000) + ("" if str(exc).rstrip().endswith((".", "?", "!")) else ".")
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted by SIGINT; continue with --resume RUN_DIR."
+    if isinstance(exc, RunInterrupted):
+        return "Stopped by SIGTERM; continue with --resume RUN_DIR."
+    if isinstance(exc, MemoryError):
+        return "Out of memory; use a smaller train.batch_size or eval.batch_size."
+    return f"Unexpected {type(exc).__name__}: {condense(str(exc))}; rerun with --debug (or DRIFTPROMPT_DEBUG=1) for the traceback and report it."
+
+
+class RunFinished(DriftpromptError):
+    """``--resume`` of a run that already finished: nothing is changed on disk."""

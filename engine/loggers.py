@@ -315,6 +315,22 @@ def read_jsonl(path: str | Path, kind: str | None = None) -> list[dict]:
     return records
 
 
+def _truncate_atomically(path: Path, size: int) -> None:
+    """Keep the first ``size`` bytes of ``path``: copy them to a temporary file, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        remaining = size
+        while remaining > 0:
+            chunk = src.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            dst.write(chunk)
+            remaining -= len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------
 # Run logger
 # ----------------------------------------------------------------------------
@@ -329,7 +345,7 @@ class RunLogger:
         ...     log.log_accuracy_matrix(acc, step=1)
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, jsonl: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, jsonl: bool = True, *, truncate_to: int | None = None, purge_step: int | None = None) -> None:
         """Opens (or resumes) a run directory.
 
         Args:
@@ -338,6 +354,12 @@ class RunLogger:
                 The writer is created on first use; if TensorBoard cannot be
                 imported a warning is issued once and only JSONL is written.
             jsonl: Append records to ``run_dir/metrics.jsonl``.
+            truncate_to: a resumed run: first cut ``metrics.jsonl`` back to this many bytes
+                (the size recorded in the checkpoint), so that records written after the
+                checkpoint, which the resumed run writes again, are not counted twice. The
+                cut is atomic (a copy of the kept bytes renamed over the file).
+            purge_step: a resumed run: TensorBoard drops events at or after this step from
+                earlier event files (``SummaryWriter(purge_step=...)``).
         """
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -348,6 +370,9 @@ class RunLogger:
         self._lock = threading.Lock()
         self._closed = False
         self._file = None
+        self._purge_step = purge_step
+        if jsonl and truncate_to is not None and self.jsonl_path.exists() and self.jsonl_path.stat().st_size > truncate_to:
+            _truncate_atomically(self.jsonl_path, truncate_to)
         if jsonl:
             self._file = open(self.jsonl_path, "a", encoding="utf-8")
             # A run killed in the middle of a line leaves no trailing newline;
@@ -388,7 +413,7 @@ class RunLogger:
                         stacklevel=3,
                     )
                 return None
-            self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
+            self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=self._purge_step)
         return self._writer
 
     def _write_record(self, record: dict[str, Any]) -> None:
@@ -493,6 +518,12 @@ class RunLogger:
                     finally:
                         self._file.close()
                         self._file = None
+
+    @property
+    def offset(self) -> int | None:
+        """Bytes of ``metrics.jsonl`` written so far (every record is synced), or ``None``."""
+        with self._lock:
+            return None if self._file is None else self._file.tell()
 
     @property
     def closed(self) -> bool:

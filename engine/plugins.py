@@ -22,15 +22,17 @@ import inspect
 import logging
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Iterable
 
 import pluggy
+import pydantic
 
 from . import hookspecs
-from .errors import ConfigError, DriftpromptError, PluginError
+from .errors import ConfigError, DriftpromptError, PluginError, condense
 from .events import Event
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,11 @@ def _blocked_names() -> set[str]:
 
 
 def _import_local(spec: str) -> ModuleType:
-    """Import a module by dotted name, or a ``.py`` file by path."""
+    """Import a module by dotted name, or a ``.py`` file by path.
+
+    A module that does not compile or raises while importing is a :class:`PluginError` that
+    names the file, the line and the cause, never a traceback.
+    """
     if spec.endswith(".py") or os.sep in spec:
         path = Path(spec).resolve()
         if not path.is_file():
@@ -97,15 +103,37 @@ def _import_local(spec: str) -> ModuleType:
         if mod_name in sys.modules:
             return sys.modules[mod_name]
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert module_spec is not None and module_spec.loader is not None
+        if module_spec is None or module_spec.loader is None:
+            raise PluginError(f"Plugin module file '{spec}' cannot be imported as Python; give a .py file.")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException as exc:
+            sys.modules.pop(mod_name, None)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PluginError(_import_failure(spec, exc)) from exc
         return module
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
         raise PluginError(f"Plugin module '{spec}' cannot be imported ({exc}); install it or give a path to a .py file.") from exc
+    except Exception as exc:
+        raise PluginError(_import_failure(spec, exc)) from exc
+
+
+def _import_failure(spec: str, exc: BaseException) -> str:
+    """One sentence for a plugin module that failed to compile or to import."""
+    if isinstance(exc, SyntaxError):
+        return f"Plugin module '{spec}' has a syntax error at line {exc.lineno} ({exc.msg}); fix the file or remove it from plugin_modules."
+    line = ""
+    tb = exc.__traceback__
+    while tb is not None:  # the deepest frame inside the plugin file
+        if os.path.basename(tb.tb_frame.f_code.co_filename) == os.path.basename(spec):
+            line = f" at line {tb.tb_lineno}"
+        tb = tb.tb_next
+    return f"Plugin module '{spec}' failed while importing{line} ({type(exc).__name__}: {condense(str(exc))}); fix the module or remove it from plugin_modules."
 
 
 def discover(extra_modules: Iterable[str] = (), entry_points: bool = True) -> Registry:
@@ -171,29 +199,79 @@ def discover(extra_modules: Iterable[str] = (), entry_points: bool = True) -> Re
     return registry
 
 
-def check_options(entry: Registered, options: dict[str, Any], kind: str = "strategy") -> None:
-    """Raise a ConfigError naming the allowed options if ``options`` has a name the entry lacks."""
+def _option_types(obj: Any) -> dict[str, Any]:
+    """Resolved type annotations of a class constructor's or builder's parameters."""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - some annotation names a type imported only for checkers
+        pass
+    module = sys.modules.get(getattr(target, "__module__", "") or "")
+    namespace = dict(vars(module)) if module is not None else {}
+    hints: dict[str, Any] = {}
+    for name, ann in getattr(target, "__annotations__", {}).items():
+        try:
+            hints[name] = eval(ann, namespace) if isinstance(ann, str) else ann  # noqa: S307 - the plugin's own annotation
+        except Exception:  # noqa: BLE001 - left to the constructor
+            continue
+    return hints
+
+
+def check_options(entry: Registered, options: dict[str, Any], kind: str = "strategy") -> dict[str, Any]:
+    """Check option names and types against the constructor's signature; returns the options
+    as validated.
+
+    Names: an option the entry lacks is a ConfigError listing the allowed ones. Types: each
+    option is validated against its type annotation with a pydantic ``TypeAdapter`` (lax
+    mode, so 4.0 for an ``int`` becomes 4, but 2.5 is refused), naming the option.
+    """
     try:
         sig = inspect.signature(entry.obj)
     except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
+        return dict(options)
     allowed = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for key in options:
-        if key not in allowed:
-            raise ConfigError(f"{kind.capitalize()} '{entry.name}' has no option '{key}'; its options are: {', '.join(allowed) or 'none'}.")
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        for key in options:
+            if key not in allowed:
+                raise ConfigError(f"{kind.capitalize()} '{entry.name}' has no option '{key}'; its options are: {', '.join(allowed) or 'none'}.")
+    hints = _option_types(entry.obj)
+    out = dict(options)
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is None or hint is Any:
+            continue
+        try:
+            adapter = pydantic.TypeAdapter(hint, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
+        except Exception:  # noqa: BLE001 - a type pydantic cannot describe: the constructor checks it
+            continue
+        try:
+            out[key] = adapter.validate_python(value)
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            msg = err["msg"][0].lower() + err["msg"][1:]
+            where = "".join(f"[{p}]" for p in err["loc"])
+            raise ConfigError(f"{kind.capitalize()} '{entry.name}' option '{key}'{where} expects {_type_name(hint)}: {msg} (got {value!r}); fix it in the config.") from None
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) if isinstance(hint, type) else None
+    return text or str(hint).replace("typing.", "")
 
 
 def instantiate(entry: Registered, options: dict[str, Any], kind: str = "strategy") -> Any:
     """Call a registered class or builder with config options, checking option names first."""
-    check_options(entry, options, kind)
+    options = check_options(entry, options, kind)
     try:
         return entry.obj(**options)
     except DriftpromptError:
         raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{kind.capitalize()} '{entry.name}' rejected its options ({exc}); fix them in the config.") from exc
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"{kind.capitalize()} '{entry.name}' rejected its options ({type(exc).__name__}: {condense(str(exc))}); fix them in the config.") from exc
+    except OSError:
+        raise  # a missing or unreadable file: the caller names the path
+    except Exception as exc:
+        raise PluginError(f"{kind.capitalize()} '{entry.name}' from '{entry.source}' failed while starting ({type(exc).__name__}: {condense(str(exc))}); check its options or report it to its author.") from exc
 
 
 # --- calling hooks during a run ----------------------------------------------------------
@@ -248,8 +326,8 @@ class Hooks:
             raise type(exc)(f"Strategy '{who}' stopped at '{hook}': {exc}") from exc
         except Exception as exc:
             who = self._culprit(exc.__traceback__)
-            err = PluginError(f"Strategy '{who}' failed while handling '{hook}': {type(exc).__name__}: {exc}")
-            err.plugin, err.event, err.show_traceback = who, hook, True  # type: ignore[attr-defined]
+            err = PluginError(f"Strategy '{who}' failed while handling '{hook}': {type(exc).__name__}: {condense(str(exc))}")
+            err.plugin, err.event = who, hook  # type: ignore[attr-defined]
             raise err from exc
 
     def fire(self, event: Event, state: Any) -> None:
@@ -259,15 +337,43 @@ class Hooks:
     def forward(self, state: Any) -> Any:
         return self._call("forward", state=state)
 
+    def _each(self, hook: str, state: Any) -> list[tuple[str, Any]]:
+        """``(plugin name, result)`` of every implementation of a collecting hook, in call order.
+
+        Calls the implementations one by one, as pluggy would (last registered first, after
+        ``tryfirst``/``trylast`` ordering), so that a result can be attributed to its strategy.
+        """
+        caller = getattr(self.pm.hook, hook)
+        impls = caller.get_hookimpls()
+        if any(getattr(i, "wrapper", False) or getattr(i, "hookwrapper", False) for i in impls):
+            return [("?", r) for r in self._call(hook, state=state)]
+        out = []
+        for impl in reversed(impls):
+            try:
+                result = impl.function(state=state)
+            except PluginError:
+                raise
+            except DriftpromptError as exc:
+                raise type(exc)(f"Strategy '{impl.plugin_name}' stopped at '{hook}': {exc}") from exc
+            except Exception as exc:
+                err = PluginError(f"Strategy '{impl.plugin_name}' failed while handling '{hook}': {type(exc).__name__}: {condense(str(exc))}")
+                err.plugin, err.event = impl.plugin_name, hook  # type: ignore[attr-defined]
+                raise err from exc
+            if result is not None:
+                out.append((impl.plugin_name, result))
+        return out
+
     def loss_terms(self, state: Any) -> dict[str, Any]:
         terms: dict[str, Any] = {}
-        for result in self._call("loss_terms", state=state):
+        owner: dict[str, str] = {}
+        for who, result in self._each("loss_terms", state):
             if not result:
                 continue
             for key, value in result.items():
                 if key in terms:
-                    raise PluginError(f"Two strategies return a loss term named '{key}'; give each term a distinct name.")
+                    raise PluginError(f"Strategies '{owner[key]}' and '{who}' both return the loss term '{key}'; they conflict (both train the classifier?): keep one of them, or give each term a distinct name.")
                 terms[key] = value
+                owner[key] = who
         return terms
 
     def loss_terms_by_strategy(self, state: Any) -> dict[str, str]:
@@ -291,16 +397,25 @@ class Hooks:
         return owners
 
     def trainable_parameters(self, state: Any) -> list[dict[str, Any]]:
-        """Collect parameter groups from every strategy, described and without duplicates."""
+        """Collect parameter groups from every strategy, described and without duplicates.
+
+        Two strategies that both declare the same parameter with the role ``head`` both own
+        the classifier: that is a conflict, named here rather than silently merged.
+        """
         groups: list[dict[str, Any]] = []
-        seen: set[int] = set()
-        for result in self._call("trainable_parameters", state=state):
+        seen: dict[int, tuple[str, str]] = {}
+        for who, result in self._each("trainable_parameters", state):
             for item in result or []:
                 group = dict(item) if isinstance(item, dict) else {"params": [item]}
                 params = group["params"]
                 params = [params] if hasattr(params, "requires_grad") else list(params)
+                role = group.get("role", "other")
+                for p in params:
+                    first = seen.get(id(p))
+                    if first is not None and first[0] != who and role == "head" and first[1] == "head":
+                        raise PluginError(f"Strategies '{first[0]}' and '{who}' both train the head; they conflict: keep one classifier strategy in 'strategies'.")
                 group["params"] = [p for p in params if id(p) not in seen and p.requires_grad]
-                seen.update(id(p) for p in group["params"])
+                seen.update((id(p), (who, role)) for p in group["params"])
                 group.setdefault("name", f"group{len(groups)}")
                 group.setdefault("role", "other")
                 if group["params"]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from driftprompt.engine import CheckpointError, hookimpl
-from driftprompt.engine.checkpoint import atomic_save, load, rng_state, set_rng_state
+from driftprompt.engine.checkpoint import FORMAT_VERSION, atomic_save, load, rng_state, set_rng_state
 
 from ..conftest import tiny_config
 
@@ -85,7 +85,7 @@ def test_resume_refuses_another_config_or_a_missing_checkpoint(tmp_path):
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "checkpoint.pt"
-    atomic_save({"format_version": 1, "value": 1}, target)
+    atomic_save({"format_version": FORMAT_VERSION, "value": 1}, target)
 
     def failing_save(obj, handle):
         handle.write(b"partial")
@@ -93,7 +93,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
-        atomic_save({"format_version": 1, "value": 2}, target)
+        atomic_save({"format_version": FORMAT_VERSION, "value": 2}, target)
     monkeypatch.undo()
     assert load(target)["value"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
