@@ -5,8 +5,16 @@ classifier), or a CLIP backbone plus class names, and one or more test-time stra
 (``tpt``, ``dynaprompt``, any plugin of the test-time loop). ``predict(images)`` runs the
 engine's own :class:`~driftprompt.engine.loop.TestTimeLoop` on every valid image, one at a
 time, and returns one result per image: probabilities, or an error message for an image that
-could not be used (wrong shape, wrong dtype, NaN or infinite values, or a failure inside the
-model). One bad image never raises for the batch.
+could not be used (wrong shape, wrong dtype, NaN or infinite values, pixel values so large that
+the logits or probabilities are not finite, or a failure inside the model). One bad image never
+raises for the batch, and never changes what the strategies carry to the next image: their
+states are restored when an image fails.
+
+Images may have any size, and sizes may differ within one call. Each image reaches the
+strategies twice: preprocessed by the backbone (for a CLIP backbone, CLIP's own preprocessing:
+shorter side to the model's resolution, bicubic, centre crop), and at full resolution in the
+batch extras, ``state.batch["raw"]`` (a list with the one (3, H, W) image), so that strategies
+that make views (TPT, DynaPrompt, TDA) cut them from the raw image as the official code does.
 
 A lock serialises adaptation, so several threads (request handlers, a queue worker pool) may
 share one adapter; predictions are made in arrival order of the lock.
@@ -15,6 +23,7 @@ share one adapter; predictions are made in arrival order of the lock.
 from __future__ import annotations
 
 import threading
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -59,6 +68,17 @@ def check_image(image: Any) -> str | None:
         return f"expected uint8 (0-255) or float (0-1) pixels, got {image.dtype}"
     if image.dtype.is_floating_point and not bool(torch.isfinite(image).all()):
         return "the image holds NaN or infinite values"
+    if image.dtype.is_floating_point and not bool(torch.isfinite(image.float()).all()):
+        return "the image holds values too large for float32 pixels; pass pixels in 0-1 (float) or 0-255 (uint8)"
+    return None
+
+
+def _items(images: Any) -> list[Any] | None:
+    """The images of a (B, 3, H, W) tensor, a (3, H, W) tensor or a sequence; ``None`` if neither."""
+    if isinstance(images, torch.Tensor):
+        return list(images.unbind(0)) if images.dim() == 4 else [images]
+    if isinstance(images, (list, tuple)):
+        return list(images)
     return None
 
 
@@ -115,10 +135,15 @@ class OnlineAdapter:
     def predict(self, images: torch.Tensor | Sequence[Any]) -> list[Prediction]:
         """Classify and adapt on every image of ``images`` ((B, 3, H, W) or a list of (3, H, W)).
 
-        Returns one :class:`Prediction` per image, in order; invalid images and images whose
-        adaptation raised get an error and leave the others untouched.
+        Returns one :class:`Prediction` per image, in order; invalid images, images whose
+        adaptation raised and images whose logits or probabilities are not finite get an error,
+        and the strategies' states are restored to what they were before that image, so the
+        other images are unaffected. Anything that is neither a tensor nor a list of images
+        (``None``, say) gives a single failed :class:`Prediction` naming what was expected.
         """
-        items = list(images.unbind(0)) if isinstance(images, torch.Tensor) and images.dim() == 4 else list(images) if not isinstance(images, torch.Tensor) else [images]
+        items = _items(images)
+        if items is None:
+            return [Prediction(error=f"expected a (B, 3, H, W) tensor or a list of (3, H, W) image tensors, got {type(images).__name__}")]
         results: list[Prediction] = []
         for image in items:
             problem = check_image(image)
@@ -126,17 +151,37 @@ class OnlineAdapter:
                 results.append(Prediction(error=problem))
                 continue
             with self.lock:
+                saved = self._snapshot()
                 try:
-                    self.loop.run([(image.unsqueeze(0), None, {"index": torch.tensor([self.seen])})], total=1)
+                    image = image.to(self.state.device)
+                    extras = {"index": torch.tensor([self.seen]), "raw": [image]}
+                    self.loop.run([(image.unsqueeze(0), None, extras)], total=1)
                     logits = self.state.logits
                     assert logits is not None
-                    results.append(Prediction(probs=logits.detach().float().softmax(dim=-1)[0].cpu()))
+                    logits = logits.detach().float()[0]
+                    probs = logits.softmax(dim=-1)
+                    if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(probs).all())):
+                        raise FloatingPointError("the logits or probabilities are not finite (are the pixel values in 0-1 for float or 0-255 for uint8?)")
+                    results.append(Prediction(probs=probs.cpu()))
                 except Exception as exc:  # noqa: BLE001 - one image's failure must not fail the batch
                     self.state.optimizer = None
+                    self._restore(saved)
                     results.append(Prediction(error=f"{type(exc).__name__}: {exc}"))
                 finally:
                     self.seen += 1
         return results
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of the strategies' states (restored when an image fails)."""
+        return {name: copy.deepcopy(p.state_dict()) for name, p in self.strategies if hasattr(p, "state_dict") and hasattr(p, "load_state_dict")}
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        for name, plugin in self.strategies:
+            if name in saved:
+                try:
+                    plugin.load_state_dict(saved[name])
+                except Exception:  # noqa: BLE001 - a strategy that cannot restore keeps its state
+                    pass
 
     def reset(self) -> None:
         """Return every strategy to its initial prompt (strategies that define ``reset()``)."""

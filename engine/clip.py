@@ -256,15 +256,24 @@ class CLIPBackbone(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (0-255) or float (0-1) images (B, 3, H, W) -> CLIP input on the same device.
 
-        Resizes to the model's resolution with its interpolation (antialiased) when the size
-        differs and normalises with the model's mean and standard deviation.
+        CLIP's own preprocessing (``clip.load``'s transform, and TPT's ``base_transform``,
+        azshue/TPT tpt_classification.py:165-167): the shorter side is resized to the model's
+        resolution with its interpolation (bicubic for OpenAI CLIP, antialiased as PIL
+        resizes), the centre square is cut, and the model's mean and standard deviation
+        normalise it. Images already at the model's resolution are only normalised; a
+        non-square image is never squashed. uint8 input is resized as uint8 (rounded and
+        clamped, as PIL returns it).
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise BackboneError(f"Expected a batch of RGB images shaped (B, 3, H, W), got {tuple(images.shape)}; convert grey images to 3 channels.")
+        if tuple(images.shape[-2:]) != self.image_size:
+            import torchvision.transforms.v2.functional as TF
+
+            mode = TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+            short = self.image_size[0] if self.image_size[0] == self.image_size[1] else max(self.image_size)
+            images = TF.resize(images, [short], interpolation=mode, antialias=True)
+            images = TF.center_crop(images, list(self.image_size))
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if tuple(x.shape[-2:]) != self.image_size:
-            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=self.image_size, mode=mode, align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
     def unnormalise(self, x: torch.Tensor) -> torch.Tensor:

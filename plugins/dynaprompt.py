@@ -1,6 +1,9 @@
 """DynaPrompt: Dynamic Test-Time Prompt Tuning (Xiao et al., ICLR 2025) on a frozen CLIP.
 
-An online buffer of text prompts (10 by default) persists across test samples. Each prompt is
+An online buffer of text prompts persists across test samples. Its size defaults to 12, the
+value the official run script passes (zzzx1224/DynaPrompt run_dynap.sh:5, ``num_p=12``, given to
+``dynap_classification.py --num_prompts`` by scripts/test_dynap.sh:21): the strategy runs what
+the reference code runs; ``buffer_size: 10`` gives the paper's smaller buffer. Each prompt is
 stored as a residual over the initial context ("a photo of a", 4 vectors): prompt ``i`` is
 ``init + delta_i``; a fresh prompt has ``delta_i = 0``. For every sample, with the 64 TPT views:
 
@@ -19,8 +22,10 @@ prompts whose entropy is above the reference's. The selected prompts are those w
 is below the reference's *and* that are among the ``k`` prompts with the largest probability
 difference, plus the reference prompt itself. (The paper says "probability difference larger
 than the initial prompt's"; the code's top-``k`` rule is used. The official code also indexes
-the entropy ranking with prompt ids when it gathers the intersection, which permutes the
-selected ids; the intended prompt ids are used here.) With ``initial="when_empty"`` the fresh
+the entropy ranking with prompt ids when it gathers the intersection,
+``ent_order[alllist]`` at dynap_classification.py:130, which permutes the selected ids; the
+intended prompt ids are used by default, and ``reference_indexing: true`` reproduces the
+official indexing exactly.) With ``initial="when_empty"`` the fresh
 prompt is used only when no buffered prompt is selected, as the paper describes appending.
 
 Buffer rules: selected prompts move to the end of the LRU order and their use counts grow.
@@ -47,10 +52,25 @@ from driftprompt.engine import ConfigError, State, hookimpl
 from driftprompt.engine.clip import clip_logits
 from driftprompt.engine.loop import mask_logits
 
-from .tpt import CLIPTestTimeBase, OnlineMonitor, allowed_mask, avg_entropy, clip_inputs, entropy, make_views, select_confident
+from .tpt import CLIPTestTimeBase, OnlineMonitor, allowed_mask, avg_entropy, entropy, make_views, raw_images, select_confident
 
 NAME = "dynaprompt"
 INITIAL_MODES = ("always", "when_empty")
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two devices are the same, with ``cuda`` read as the current CUDA device.
+
+    ``torch.device("cuda") != torch.device("cuda:0")`` although both name one GPU; comparing
+    them naively would rebuild the prompt buffer on every hook call.
+    """
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index or a.index is None or b.index is None
 
 
 def prompt_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,14 +85,24 @@ def prompt_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ent, diff
 
 
-def select_prompts(ent: torch.Tensor, diff: torch.Tensor, reference: int, initial: str = "always") -> list[int]:
-    """Prompt ids selected for a sample (official DynaPrompt rule; see the module docstring)."""
+def select_prompts(ent: torch.Tensor, diff: torch.Tensor, reference: int, initial: str = "always", reference_indexing: bool = False) -> list[int]:
+    """Prompt ids selected for a sample (official DynaPrompt rule; see the module docstring).
+
+    ``reference_indexing`` reproduces the official gather ``ent_order[alllist]``
+    (dynap_classification.py:126-130): the intersection's prompt ids are used as positions in
+    the entropy ranking.
+    """
     P = ent.shape[0]
     by_entropy = torch.argsort(ent, descending=True, stable=True).tolist()
     pos = by_entropy.index(reference)
     lower = set(by_entropy[min(pos + 1, P - 1) :])
     by_diff = set(torch.argsort(diff, descending=True, stable=True)[:pos].tolist())
-    chosen = sorted((lower & by_diff) - {reference})
+    inter = sorted(lower & by_diff)
+    if reference_indexing:
+        if not inter:
+            return [reference]
+        return [by_entropy[i] for i in inter] + [reference]
+    chosen = sorted(set(inter) - {reference})
     if initial == "when_empty" and chosen:
         return chosen
     return chosen + [reference]
@@ -115,10 +145,13 @@ class DynaPrompt(CLIPTestTimeBase):
 
     Args:
         class_names, clip, n_ctx, ctx_init, views, selection, augmix, lr, seed: as ``tpt``.
-        buffer_size: prompts in the online buffer (10, the paper's default).
+        buffer_size: prompts in the online buffer (12: the official run script's ``num_p``,
+            run_dynap.sh:5; the paper's text uses 10).
         initial: ``"always"`` (official code: the fresh prompt is always selected) or
             ``"when_empty"`` (the paper: a fresh prompt only when no buffered prompt fits).
         chunk_size: text sequences (prompts x classes) encoded at a time (1000).
+        reference_indexing: reproduce the official code's ``ent_order[alllist]`` indexing of
+            the selected prompts (False: the intended prompt ids).
         collapse_window, collapse_fraction: the collapse guard (see ``OnlineMonitor``);
             a collapse clears the buffer back to the initial prompt. ``0`` disables it.
     """
@@ -135,9 +168,10 @@ class DynaPrompt(CLIPTestTimeBase):
         selection: float = 0.1,
         augmix: bool = False,
         lr: float = 5e-3,
-        buffer_size: int = 10,
+        buffer_size: int = 12,
         initial: str = "always",
         chunk_size: int = 1000,
+        reference_indexing: bool = False,
         collapse_window: int = 64,
         collapse_fraction: float = 0.1,
         seed: int = 0,
@@ -149,6 +183,8 @@ class DynaPrompt(CLIPTestTimeBase):
         super().__init__(class_names, clip, n_ctx, ctx_init, seed)
         self.views, self.selection, self.augmix, self.lr = views, selection, augmix, lr
         self.buffer_size, self.initial, self.chunk_size = buffer_size, initial, chunk_size
+        self.reference_indexing = bool(reference_indexing)
+        self.rebuilds = 0  # buffer (re)allocations: one per device the run moves to
         self.buffer: PromptBuffer | None = None
         self.selected: list[int] = []
         self.view_features: torch.Tensor | None = None
@@ -158,8 +194,9 @@ class DynaPrompt(CLIPTestTimeBase):
 
     def _ensure(self, state: State) -> None:
         clip = self.setup(state)
-        if self.buffer is None or self.buffer.delta.device != state.device:
+        if self.buffer is None or not same_device(self.buffer.delta.device, state.device):
             old = self.buffer
+            self.rebuilds += 1
             self.buffer = PromptBuffer(self.buffer_size, self.n_ctx, clip.text_width, state.device)
             if old is not None:
                 with torch.no_grad():
@@ -194,15 +231,14 @@ class DynaPrompt(CLIPTestTimeBase):
         self._ensure(state)
         assert self.clip is not None and self.buffer is not None
         self.monitor.start()
-        x = clip_inputs(state, self.clip)
-        views = make_views(x, self.views, self.generator, self.augmix, self.clip.mean, self.clip.std)
+        views = make_views(raw_images(state), self.views, self.generator, self.clip, self.augmix)
         B, V = views.shape[:2]
         self.view_features = self.image_features(state, views.flatten(0, 1)).view(B, V, -1)
         reference = self.buffer.begin_sample()
         with torch.no_grad():
             logits = self.logits_for(range(self.buffer_size), state, grad=False)  # B, V, P, C
         ent, diff = prompt_scores(logits.mean(dim=0) if B > 1 else logits[0])
-        self.selected = select_prompts(ent, diff, reference, self.initial)
+        self.selected = select_prompts(ent, diff, reference, self.initial, self.reference_indexing)
         self.buffer.mark_used(self.selected)
         self.view_idx = None
 

@@ -52,7 +52,7 @@ from driftprompt.engine import ConfigError, State, hookimpl
 from driftprompt.engine.clip import CLIPBackbone
 from driftprompt.engine.loop import mask_logits
 
-from .tpt import OnlineMonitor, allowed_mask, avg_entropy, class_names_for, clip_inputs, entropy, make_views, resolve_clip
+from .tpt import OnlineMonitor, allowed_mask, avg_entropy, class_names_for, clip_inputs, entropy, make_views, raw_images, resolve_clip
 
 NAME = "tda"
 
@@ -67,6 +67,31 @@ TIP_ADAPTER_TEMPLATES: tuple[str, ...] = (
     "art of the {}.",
     "a photo of the small {}.",
 )
+
+
+_NEGATIVE = {"neg_capacity": 2, "neg_alpha": 0.117, "neg_beta": 1.0, "neg_entropy": (0.2, 0.5), "neg_mask": (0.03, 1.0)}
+_OOD_VIEWS = {"views": 64, "augmix": True, "selection": 0.1}
+
+# The official per-dataset hyper-parameters (kdiAAA/TDA configs/<name>.yaml, lines 4-21 of each:
+# positive shot_capacity/alpha/beta, negative shot_capacity/alpha/beta/entropy_threshold/
+# mask_threshold) and views: ImageNet reads the single CLIP-preprocessed image; -A, -V, -R and
+# -Sketch read 63 AugMix views plus the image, keeping the 10% lowest-entropy views
+# (utils.py:94-105 ``get_ood_preprocess``, utils.py:127-135, utils.py:76-85).
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": {"pos_capacity": 3, "pos_alpha": 2.0, "pos_beta": 5.0, **_NEGATIVE, "views": 1, "augmix": False, "selection": 0.1},
+    "imagenet_a": {"pos_capacity": 3, "pos_alpha": 2.0, "pos_beta": 5.0, **_NEGATIVE, **_OOD_VIEWS},
+    "imagenet_v2": {"pos_capacity": 3, "pos_alpha": 1.0, "pos_beta": 8.0, **_NEGATIVE, **_OOD_VIEWS},
+    "imagenet_r": {"pos_capacity": 3, "pos_alpha": 1.0, "pos_beta": 8.0, **_NEGATIVE, **_OOD_VIEWS},
+    "imagenet_sketch": {"pos_capacity": 3, "pos_alpha": 2.363, "pos_beta": 7.45, **_NEGATIVE, **_OOD_VIEWS},
+}
+PRESET_FILES = {"imagenet": "imagenet.yaml", "imagenet_a": "imagenet_a.yaml", "imagenet_v2": "imagenet_v.yaml", "imagenet_r": "imagenet_r.yaml", "imagenet_sketch": "imagenet_s.yaml"}
+
+
+def tda_preset(name: str) -> dict[str, Any]:
+    """The options of an official TDA config by name (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown tda preset '{name}'; use one of {', '.join(PRESETS)}.")
+    return dict(PRESETS[name])
 
 
 @dataclass
@@ -143,6 +168,9 @@ class TDA:
         class_names: one name per class; default: ``state.plugin_state["class_names"]``.
         clip: CLIP options when the run's backbone is not a CLIP (``CLIPBackbone`` kwargs).
         templates: "tip_adapter" (the 7 templates, default), "single", "imagenet80" or a list.
+        preset: the official config whose values fill every cache and view option not given:
+            ``imagenet`` (default), ``imagenet_a``, ``imagenet_v2``, ``imagenet_r`` or
+            ``imagenet_sketch`` (see :data:`PRESETS`); options given explicitly win.
         views: views per image (1; 64 with ``augmix: true`` is the official OOD setting).
         augmix: AugMix views instead of crop + flip (with ``views > 1``).
         selection: fraction of lowest-entropy views kept (0.1).
@@ -164,23 +192,32 @@ class TDA:
         class_names: Sequence[str] | None = None,
         clip: dict[str, Any] | None = None,
         templates: str | Sequence[str] = "tip_adapter",
-        views: int = 1,
-        augmix: bool = False,
-        selection: float = 0.1,
+        preset: str = "imagenet",
+        views: int | None = None,
+        augmix: bool | None = None,
+        selection: float | None = None,
         positive: bool = True,
         negative: bool = True,
-        pos_capacity: int = 3,
-        pos_alpha: float = 2.0,
-        pos_beta: float = 5.0,
-        neg_capacity: int = 2,
-        neg_alpha: float = 0.117,
-        neg_beta: float = 1.0,
-        neg_entropy: Sequence[float] = (0.2, 0.5),
-        neg_mask: Sequence[float] = (0.03, 1.0),
+        pos_capacity: int | None = None,
+        pos_alpha: float | None = None,
+        pos_beta: float | None = None,
+        neg_capacity: int | None = None,
+        neg_alpha: float | None = None,
+        neg_beta: float | None = None,
+        neg_entropy: Sequence[float] | None = None,
+        neg_mask: Sequence[float] | None = None,
         include_current: bool = True,
         logit_scale: float | None = None,
         seed: int = 0,
     ) -> None:
+        given = {"views": views, "augmix": augmix, "selection": selection, "pos_capacity": pos_capacity, "pos_alpha": pos_alpha, "pos_beta": pos_beta,
+                 "neg_capacity": neg_capacity, "neg_alpha": neg_alpha, "neg_beta": neg_beta, "neg_entropy": neg_entropy, "neg_mask": neg_mask}
+        opts = {**tda_preset(preset), **{k: v for k, v in given.items() if v is not None}}
+        self.preset = preset
+        views, augmix, selection = opts["views"], opts["augmix"], opts["selection"]
+        pos_capacity, pos_alpha, pos_beta = opts["pos_capacity"], opts["pos_alpha"], opts["pos_beta"]
+        neg_capacity, neg_alpha, neg_beta = opts["neg_capacity"], opts["neg_alpha"], opts["neg_beta"]
+        neg_entropy, neg_mask = opts["neg_entropy"], opts["neg_mask"]
         if views < 1 or not 0.0 < selection <= 1.0 or pos_capacity < 1 or neg_capacity < 1:
             raise ConfigError("tda needs views >= 1, selection in (0, 1] and cache capacities >= 1.")
         if len(neg_entropy) != 2 or len(neg_mask) != 2:
@@ -233,7 +270,7 @@ class TDA:
         """Zero-shot feature, logits, entropy, probabilities and prediction of each image."""
         clip = self.setup(state)
         assert self.weights is not None
-        views = make_views(x, self.views, self.generator, self.augmix, clip.mean, clip.std) if self.views > 1 else x.unsqueeze(1)
+        views = make_views(raw_images(state), self.views, self.generator, clip, self.augmix) if self.views > 1 else x.unsqueeze(1)
         B, V = views.shape[:2]
         feats = F.normalize(clip.encode_image(views.flatten(0, 1)).float(), dim=-1).view(B, V, -1)
         logits = self.scale() * feats @ self.weights.T  # B, V, C

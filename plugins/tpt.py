@@ -91,6 +91,13 @@ def select_confident(logits: torch.Tensor, fraction: float) -> tuple[torch.Tenso
 
 
 # --- views ------------------------------------------------------------------------------------
+#
+# The official code (azshue/TPT data/datautils.py:61-102, the same in kdiAAA/TDA
+# datasets/utils.py:352-392 and the DynaPrompt repository's data/datautils.py) cuts every view
+# from the *raw* decoded image: view 0 is ``Resize(224, bicubic) + CenterCrop(224)``; each other
+# view is ``RandomResizedCrop(224)`` (bilinear) + ``RandomHorizontalFlip`` of the raw image,
+# then, for AugMix, three chains of PIL operations mixed with Dirichlet/Beta weights. The
+# functions below do the same on tensors, with one seedable ``torch.Generator`` for every draw.
 
 
 def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
@@ -98,7 +105,7 @@ def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.
 
     Ten attempts per box: area fraction uniform in ``scale``, log aspect ratio uniform in
     ``log(ratio)``; the first attempt that fits is used, otherwise a centre crop of the
-    whole image clamped to ``ratio`` (torchvision's fallback).
+    whole image clamped to ``ratio`` (torchvision's fallback). Box corners are whole pixels.
     """
     attempts = 10
     area = height * width
@@ -122,7 +129,7 @@ def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.
         a = int(first[i])
         if a < 0:
             cw, ch = float(fw), float(fh)
-            x0, y0 = (width - cw) / 2, (height - ch) / 2
+            x0, y0 = float((width - fw) // 2), float((height - fh) // 2)
         else:
             cw, ch = float(w[i, a]), float(h[i, a])
             x0 = math.floor(float(u[i, 0]) * (width - cw + 1))
@@ -132,102 +139,161 @@ def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.
 
 
 def crop_flip_views(image: torch.Tensor, n: int, generator: torch.Generator, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``n`` random-resized-crop + horizontal-flip views of one image (3, H, W), in one batch.
+    """``n`` random-resized-crop + horizontal-flip views of one image (3, H, W), (n, 3, *size).
 
-    Crops are resampled with ``roi_align`` (bilinear, averaging several samples per output
-    pixel when shrinking), on the image's device. The image may be normalised: cropping,
-    bilinear resampling and flipping commute with a per-channel affine normalisation.
+    Boxes come from :func:`random_resized_crop_boxes` (drawn on the image's own size), then
+    one flip bit per view. Each box is resized with torchvision's ``resized_crop`` (bilinear,
+    antialiased: PIL's ``BILINEAR`` resize that TPT's ``RandomResizedCrop`` runs on PIL
+    images). The dtype is kept: uint8 in, uint8 out. Pass the raw image, not a 224 x 224 copy.
     """
-    from torchvision.ops import roi_align
+    import torchvision.transforms.v2.functional as TF
 
     _, H, W = image.shape
-    out = size or (H, W)
+    out = tuple(size) if size is not None else (H, W)
     boxes = random_resized_crop_boxes(n, H, W, generator)
-    flips = torch.rand(n, generator=generator) < 0.5
-    rois = torch.cat([torch.zeros(n, 1), boxes], dim=1).to(image.device, torch.float32)
-    views = roi_align(image.float().unsqueeze(0), rois, output_size=out, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    flips = flips.to(image.device)
-    return torch.where(flips.view(n, 1, 1, 1), views.flip(-1), views)
+    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+    views = []
+    for (x0, y0, x1, y1), flip in zip(boxes.tolist(), flips):
+        v = TF.resized_crop(image, int(y0), int(x0), int(y1 - y0), int(x1 - x0), list(out), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        views.append(v.flip(-1) if flip else v)
+    return torch.stack(views)
 
 
-def _augmix_ops(generator: torch.Generator) -> list[Any]:
-    """AugMix's operations at severity 1 (Hendrycks et al., ICLR 2020), as TPT uses them.
+# AugMix's operations (Hendrycks et al., ICLR 2020) as TPT runs them on PIL images
+# (azshue/TPT data/augmix_ops.py:56-114, google-research/augmix augmentations.py): the list
+# without the colour, contrast, brightness and sharpness operations, which overlap ImageNet-C
+# (augmix_ops.py:141-144). Severity 1: level ``l ~ U(0.1, 1)``, ``int(l * max / 10)`` for
+# integer magnitudes, ``l * max / 10`` for float ones; the sign is a fair coin.
 
-    The list excludes the colour, contrast, brightness and sharpness operations (they overlap
-    ImageNet-C corruptions), as in AugMix's and TPT's ``augmentations.augmentations``. Level
-    ``l ~ U(0.1, 1)``; integer magnitudes are ``int(l * max / 10)``, float ones ``l * max / 10``.
+AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def pil_affine(image: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
+    """PIL's ``Image.transform(size, AFFINE, coeffs, BILINEAR)`` on a uint8 (3, H, W) tensor.
+
+    PIL maps each output pixel centre ``(x + 0.5, y + 0.5)`` to the input point
+    ``(a x + b y + c, d x + e y + f)`` (origin at the top-left corner, not the centre); a
+    point outside ``[0, W) x [0, H)`` gives black; otherwise bilinear interpolation between
+    the pixel centres around it (edge pixels repeated), truncated to uint8 (Pillow
+    ``libImaging/Geometry.c``, ``affine_transform`` and ``bilinear_filter32RGB``).
     """
-    import torchvision.transforms.v2.functional as F2
+    a, b, c, d, e, f = (float(v) for v in coeffs)
+    _, H, W = image.shape
+    dev = image.device
+    ys = torch.arange(H, device=dev, dtype=torch.float64).add_(0.5).view(H, 1)
+    xs = torch.arange(W, device=dev, dtype=torch.float64).add_(0.5).view(1, W)
+    u = a * xs + b * ys + c
+    v = d * xs + e * ys + f
+    valid = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+    u, v = u - 0.5, v - 0.5
+    x0, y0 = u.floor(), v.floor()
+    dx, dy = u - x0, v - y0
+    xa, xb = x0.clamp(0, W - 1).long(), (x0 + 1).clamp(0, W - 1).long()
+    ya, yb = y0.clamp(0, H - 1).long(), (y0 + 1).clamp(0, H - 1).long()
+    img = image.double()
+    top = img[:, ya, xa] + (img[:, ya, xb] - img[:, ya, xa]) * dx
+    bottom = img[:, yb, xa] + (img[:, yb, xb] - img[:, yb, xa]) * dx
+    out = (top + (bottom - top) * dy).clamp_(0, 255).floor_()
+    return torch.where(valid, out, torch.zeros_like(out)).to(torch.uint8)
+
+
+def pil_rotate_coeffs(degrees: float, width: int, height: int) -> tuple[float, ...]:
+    """The affine coefficients of PIL's ``Image.rotate(degrees)`` about the image centre."""
+    angle = -math.radians(degrees % 360.0)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
+    cx, cy = width / 2, height / 2
+    c = a * -cx + b * -cy + cx
+    f = d * -cx + e * -cy + cy
+    return (a, b, c, d, e, f)
+
+
+def augmix_op(image: torch.Tensor, name: str, generator: torch.Generator) -> torch.Tensor:
+    """One AugMix operation at severity 1 on a uint8 (3, H, W) image, its draws from ``generator``."""
+    import torchvision.transforms.v2.functional as TF
 
     def level() -> float:
-        return float(torch.empty(1).uniform_(0.1, 1.0, generator=generator))
+        return float(torch.empty(1, dtype=torch.float64).uniform_(0.1, 1.0, generator=generator))
 
     def sign() -> float:
-        return 1.0 if float(torch.rand(1, generator=generator)) < 0.5 else -1.0
+        return -1.0 if float(torch.rand(1, generator=generator, dtype=torch.float64)) > 0.5 else 1.0
 
-    def posterize(x: torch.Tensor) -> torch.Tensor:
-        return F2.posterize(x, 4 - int(level() * 4 / 10))
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        return F2.rotate(x, sign() * int(level() * 30 / 10))
-
-    def solarize(x: torch.Tensor) -> torch.Tensor:
-        return F2.solarize(x, 256 - int(level() * 256 / 10))
-
-    def shear_x(x: torch.Tensor) -> torch.Tensor:
-        return F2.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(sign() * level() * 0.3 / 10)), 0.0])
-
-    def shear_y(x: torch.Tensor) -> torch.Tensor:
-        return F2.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(sign() * level() * 0.3 / 10))])
-
-    def translate_x(x: torch.Tensor) -> torch.Tensor:
-        return F2.affine(x, angle=0.0, translate=[int(sign() * int(level() * x.shape[-1] / 3 / 10)), 0], scale=1.0, shear=[0.0, 0.0])
-
-    def translate_y(x: torch.Tensor) -> torch.Tensor:
-        return F2.affine(x, angle=0.0, translate=[0, int(sign() * int(level() * x.shape[-2] / 3 / 10))], scale=1.0, shear=[0.0, 0.0])
-
-    return [F2.autocontrast, F2.equalize, posterize, rotate, solarize, shear_x, shear_y, translate_x, translate_y]
+    _, H, W = image.shape
+    if name == "autocontrast":
+        return TF.autocontrast(image)
+    if name == "equalize":
+        return TF.equalize(image)
+    if name == "posterize":
+        return TF.posterize(image, 4 - int(level() * 4 / 10))
+    if name == "solarize":
+        return TF.solarize(image, 256 - int(level() * 256 / 10))
+    if name == "rotate":
+        degrees = int(level() * 30 / 10) * sign()
+        return image.clone() if degrees % 360 == 0 else pil_affine(image, pil_rotate_coeffs(degrees, W, H))
+    if name in ("shear_x", "shear_y"):
+        s = level() * 0.3 / 10 * sign()
+        return pil_affine(image, (1, s, 0, 0, 1, 0) if name == "shear_x" else (1, 0, 0, s, 1, 0))
+    if name in ("translate_x", "translate_y"):
+        # TPT's translate magnitude is int(l * IMAGE_SIZE / 3 / 10) with IMAGE_SIZE = 224, the view size
+        t = int(level() * ((W if name == "translate_x" else H) / 3) / 10) * sign()
+        return pil_affine(image, (1, 0, t, 0, 1, 0) if name == "translate_x" else (1, 0, 0, 0, 1, t))
+    raise ValueError(f"unknown AugMix operation {name!r}")
 
 
-def augmix_views(image: torch.Tensor, n: int, generator: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``n`` AugMix views of one normalised image (3, H, W), as TPT's fine-grained setting.
+def augmix_mix(view: torch.Tensor, generator: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """AugMix of one uint8 (3, S, S) crop, normalised (float): TPT's ``augmix`` (datautils.py:68-84).
 
-    Each view: a random-resized crop and flip ``x``; three chains of 1-3 random operations on
-    ``x``, mixed with Dirichlet(1, 1, 1) weights; ``m * x + (1 - m) * mix`` with
-    ``m ~ Beta(1, 1)``. Operations run on uint8 pixels; mixing happens after normalisation
-    (equivalent, the normalisation being affine).
+    ``w ~ Dirichlet(1, 1, 1)`` (normalised Exp(1) draws), ``m ~ Beta(1, 1)`` (uniform); three
+    chains of 1-3 operations drawn uniformly from :data:`AUGMIX_OPS`; the result is
+    ``m * x + (1 - m) * sum_i w_i * chain_i(x)`` on normalised pixels.
     """
-    base = crop_flip_views(image, n, generator)
-    pixels = ((base * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).clamp(0, 1) * 255).round().to(torch.uint8)
-    ops = _augmix_ops(generator)
-    dirichlet = torch.distributions.Dirichlet(torch.ones(3))
-    out = torch.empty_like(base)
-    for i in range(n):
-        w = dirichlet.sample().to(image.device)  # global RNG: Dirichlet takes no generator
-        m = float(torch.rand(1, generator=generator))
-        mix = torch.zeros_like(base[i])
-        for j in range(3):
-            x = pixels[i]
-            for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
-                x = ops[int(torch.randint(len(ops), (1,), generator=generator))](x)
-            mix += w[j] * ((x.float() / 255.0 - mean.view(3, 1, 1)) / std.view(3, 1, 1))
-        out[i] = m * base[i] + (1 - m) * mix
-    return out
+    e = -torch.rand(3, generator=generator, dtype=torch.float64).log()
+    w = (e / e.sum()).float().tolist()
+    m = float(torch.rand(1, generator=generator))
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+
+    mix = torch.zeros(view.shape, device=view.device)
+    for j in range(3):
+        x = view
+        for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
+            x = augmix_op(x, AUGMIX_OPS[int(torch.randint(len(AUGMIX_OPS), (1,), generator=generator))], generator)
+        mix += w[j] * norm(x)
+    return m * norm(view) + (1 - m) * mix
 
 
-def make_views(images: torch.Tensor, n_views: int, generator: torch.Generator, augmix: bool = False, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> (B, n_views, 3, H, W): each original first, then augmented views."""
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (0-255) as is; float (0-1) pixels scaled, rounded and clamped."""
+    if image.dtype == torch.uint8:
+        return image
+    return (image.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def make_views(raw: Sequence[torch.Tensor], n_views: int, generator: torch.Generator, clip: CLIPBackbone, augmix: bool = False) -> torch.Tensor:
+    """(B, n_views, 3, S, S) normalised CLIP views of B raw images of any sizes.
+
+    ``raw`` are the decoded images at full resolution, uint8 (0-255) or float (0-1), (3, H, W)
+    each. View 0 is CLIP's preprocessing (``CLIPBackbone.preprocess``: shorter side to S,
+    bicubic, centre crop); views 1.. are :func:`crop_flip_views` of the raw image (uint8),
+    and with ``augmix`` each is then mixed by :func:`augmix_mix`. Views are made in order
+    view by view with ``generator`` (reproducible for a given seed).
+    """
+    size = clip.image_size
+    mean, std = clip.mean.flatten(), clip.std.flatten()
     out = []
-    for image in images:
+    for image in raw:
+        image = image.to(mean.device)
+        first = clip.preprocess(image.unsqueeze(0))
         if n_views <= 1:
-            out.append(image.unsqueeze(0))
+            out.append(first)
             continue
+        crops = crop_flip_views(to_uint8(image), n_views - 1, generator, size)
         if augmix:
-            assert mean is not None and std is not None
-            aug = augmix_views(image, n_views - 1, generator, mean.flatten().to(image.device), std.flatten().to(image.device))
+            aug = torch.stack([augmix_mix(c, generator, mean, std) for c in crops])
         else:
-            aug = crop_flip_views(image, n_views - 1, generator)
-        out.append(torch.cat([image.unsqueeze(0).float(), aug], dim=0))
+            aug = (crops.float() / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        out.append(torch.cat([first, aug], dim=0))
     return torch.stack(out)
 
 
@@ -253,13 +319,31 @@ def resolve_clip(state: State, options: dict[str, Any] | None, cache: dict[str, 
     return clip.to(state.device)
 
 
-def clip_inputs(state: State, clip: CLIPBackbone) -> torch.Tensor:
-    """``state.inputs`` as CLIP input: as is on a CLIP backbone, else re-normalised and resized.
+def raw_images(state: State) -> list[torch.Tensor]:
+    """The batch's images at full resolution: ``state.batch["raw"]`` when the stream or the
+    adapter kept them (the official pipelines cut views from the decoded image), else the
+    preprocessed inputs turned back into 0-1 pixels (views then come from that square image).
+    """
+    raw = state.batch.get("raw") if isinstance(state.batch, dict) else None
+    if raw is not None:
+        return list(raw)
+    assert state.inputs is not None
+    backbone = state.backbone
+    pixels = state.inputs.float() * backbone.std + backbone.mean
+    return list(pixels.clamp(0, 1))
 
-    The loop preprocessed the batch with the run's backbone (mean/std and resolution of a timm
-    ViT); those are undone and CLIP's applied.
+
+def clip_inputs(state: State, clip: CLIPBackbone) -> torch.Tensor:
+    """The batch as CLIP input (B, 3, S, S), normalised.
+
+    From the raw images when the batch carries them (CLIP's preprocessing: shorter side to S,
+    bicubic, centre crop); else ``state.inputs`` as is on a CLIP backbone, or re-normalised
+    and resized from another backbone's preprocessing (mean/std and resolution of a timm ViT).
     """
     assert state.inputs is not None
+    raw = state.batch.get("raw") if isinstance(state.batch, dict) else None
+    if raw is not None:
+        return torch.cat([clip.preprocess(r.to(clip.mean.device).unsqueeze(0)) for r in raw])
     if state.backbone is clip:
         return state.inputs
     backbone = state.backbone
@@ -502,8 +586,7 @@ class TPT(CLIPTestTimeBase):
         self.monitor.start()
         if self.episodic:
             self.reset()
-        x = clip_inputs(state, clip)
-        views = make_views(x, self.views, self.generator, self.augmix, clip.mean, clip.std)
+        views = make_views(raw_images(state), self.views, self.generator, clip, self.augmix)
         B, V = views.shape[:2]
         self.view_features = self.image_features(state, views.flatten(0, 1)).view(B, V, -1)
         self.selected = None

@@ -33,7 +33,7 @@ import torch
 
 from driftprompt.engine.errors import StreamError
 
-from .folders import IMAGE_EXTENSIONS, ImageFileDataset
+from .folders import _DECODE_ERRORS, IMAGE_EXTENSIONS, ImageFileDataset
 
 VARIANTS = ("imagenet", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch")
 _DATA = Path(__file__).with_name("data") / "imagenet_classes.json"
@@ -73,6 +73,37 @@ def class_names(variant: str, label_space: str = "imagenet") -> list[str]:
     return list(names)
 
 
+class RawImageFileDataset(ImageFileDataset):
+    """Image files read as CLIP reads them, with the full-resolution image kept alongside.
+
+    An item's image is ``Resize(S, bicubic) + CenterCrop(S)`` of the decoded file, run by
+    torchvision on the PIL image: CLIP's preprocessing and TPT's ``base_transform`` (azshue/TPT
+    tpt_classification.py:165-167, kdiAAA/TDA utils.py:97-99). :meth:`decode_with_raw` also
+    returns the decoded image itself, uint8 (3, H, W), from which test-time strategies cut
+    their views (random-resized crops and AugMix views come from the raw image in the
+    official code, data/datautils.py:61-102).
+    """
+
+    def decode_with_raw(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the S x S CLIP-preprocessed image, the raw image), both uint8 (3, ., .)."""
+        import numpy as np
+        import torchvision.transforms.v2.functional as TF
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as img:
+                img = img.convert("RGB")
+                square = TF.center_crop(TF.resize(img, [self.image_size], interpolation=TF.InterpolationMode.BICUBIC), [self.image_size, self.image_size])
+                raw = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+                sq = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
+        except _DECODE_ERRORS as exc:
+            raise StreamError(f"Image '{self.files[i]}' cannot be decoded ({exc}); remove or replace the file.") from exc
+        return sq.contiguous(), raw.contiguous()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.decode_with_raw(i)[0], int(self.targets[i]), i
+
+
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir())
 
@@ -85,6 +116,7 @@ def imagenet_variant(
     label_space: str = "imagenet",
     per_class: int | None = None,
     verify: bool = True,
+    keep_raw: bool = True,
 ) -> ImageFileDataset:
     """A lazily decoded dataset of one ImageNet variant.
 
@@ -93,6 +125,10 @@ def imagenet_variant(
         root: the variant's folder (for ``imagenet``, the folder holding ``val/``/``train/``).
         split: ``val`` or ``train`` (``imagenet`` only).
         image_size: images are resized (shorter side) and centre-cropped to this.
+        keep_raw: read images as CLIP does (bicubic resize of the shorter side, centre crop)
+            and keep the full-resolution image for test-time views
+            (:class:`RawImageFileDataset`); ``False`` gives the plain bilinear
+            :class:`~driftprompt.streams.folders.ImageFileDataset`.
         label_space: ``"imagenet"`` (1000-way indices) or ``"subset"`` (0..K-1).
         per_class: read at most this many images per class (sorted file order).
         verify: check every file's header when building (unreadable files are skipped, counted).
@@ -127,4 +163,4 @@ def imagenet_variant(
         labels += [cls if label_space == "imagenet" else position[cls]] * len(items)
     if not files:
         raise StreamError(f"No images found under '{root}'; point stream.options.path at the extracted {variant} folder.")
-    return ImageFileDataset(files, labels, image_size, verify)
+    return (RawImageFileDataset if keep_raw else ImageFileDataset)(files, labels, image_size, verify)

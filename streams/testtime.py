@@ -8,7 +8,11 @@ domain, so every builder's contract holds) that also yields the online sequence 
 * ``"domain"``: list of B domain names (for per-domain online accuracy);
 * ``"position"``: (B,) long, the sample's position in the stream;
 * ``"episodic"``: bool, whether strategies should reset to the source model after each batch;
-* ``"new_domain"``: bool, only when ``expose_boundaries`` is set: the batch opens a domain.
+* ``"new_domain"``: bool, only when ``expose_boundaries`` is set: the batch opens a domain;
+* ``"raw"``: list of B uint8 (3, H, W) images at their decoded full resolution, when the
+  source keeps them (datasets with a ``decode_with_raw(i)`` method, such as the ImageNet
+  variants, and no transform): test-time strategies that make views (TPT, DynaPrompt, TDA)
+  cut them from these, as the official code does, while ``images`` holds the square copies.
 
 Orders (``order``):
 
@@ -105,6 +109,18 @@ class DomainSource(Dataset):
             sel = chunks == k
             out[sel] = self._chunk(k)[positions[sel] - k * self.chunk]
         return out
+
+    @property
+    def keeps_raw(self) -> bool:
+        """Whether :meth:`images_and_raw` returns full-resolution images too."""
+        return self.transform is None and hasattr(self.dataset, "decode_with_raw")
+
+    def images_and_raw(self, positions: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Images at ``positions`` and, when the source keeps them, the raw decoded images."""
+        if not self.keeps_raw:
+            return self.images_at(positions), None
+        pairs = [self.dataset.decode_with_raw(int(i)) for i in positions]  # type: ignore[attr-defined]
+        return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         return self.images_at(torch.tensor([i]))[0], int(self.targets[i]), int(self.indices[i])
@@ -218,15 +234,19 @@ class TestTimeStream(Stream):
         images: torch.Tensor | None = None
         targets = torch.empty(len(items), dtype=torch.long)
         index = torch.empty(len(items), dtype=torch.long)
+        raw: list[torch.Tensor | None] = [None] * len(items)
         for k in torch.unique(dom).tolist():
             sel = dom == k
             d = self.domains[k]
-            part = d.images_at(pos[sel])
+            part, part_raw = d.images_and_raw(pos[sel])
             if images is None:
                 images = torch.empty((len(items), *part.shape[1:]), dtype=part.dtype)
             images[sel] = part
             targets[sel] = d.targets[pos[sel]]
             index[sel] = d.indices[pos[sel]]
+            if part_raw is not None:
+                for j, r in zip(torch.nonzero(sel).flatten().tolist(), part_raw):
+                    raw[j] = r
         extras: dict[str, Any] = {
             "index": index,
             "domain": [self.domains[k].name for k, _ in items],
@@ -235,6 +255,8 @@ class TestTimeStream(Stream):
         }
         if self.expose_boundaries:
             extras["new_domain"] = items[0][0] != last_domain
+        if all(r is not None for r in raw):
+            extras["raw"] = raw
         assert images is not None
         return (images, targets, extras), items[-1][0]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from driftprompt.engine import hookimpl
+from driftprompt.engine.clip import CLIPBackbone
 from driftprompt.engine.run import build
 from driftprompt.plugins.tpt import avg_entropy, crop_flip_views, make_views, random_resized_crop_boxes, select_confident
 from driftprompt.streams import TensorImageDataset, iterate
@@ -39,13 +40,14 @@ def test_views_are_in_bounds_and_the_original_comes_first():
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 40).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 30).all()
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (30 * 40)
     assert area.min() >= 0.07 and area.max() <= 1.0
-    image = torch.randn(2, 3, 16, 16)
-    views = make_views(image, 8, g)
-    assert views.shape == (2, 8, 3, 16, 16)
-    torch.testing.assert_close(views[:, 0], image)
-    # a box covering the whole image, unflipped, is the image itself
-    whole = crop_flip_views(image[0], 1, torch.Generator().manual_seed(1))
-    assert whole.shape == (1, 3, 16, 16)
+    clip = CLIPBackbone(model_config=CONFIG, random_init=True)
+    raw = [torch.rand(3, 40, 56), torch.randint(0, 256, (3, 50, 30), dtype=torch.uint8)]  # two sizes in one batch
+    views = make_views(raw, 8, g, clip)
+    assert views.shape == (2, 8, 3, 32, 32)
+    torch.testing.assert_close(views[:, 0], torch.cat([clip.preprocess(r.unsqueeze(0)) for r in raw]))
+    # crops keep the input dtype and come out at the requested size
+    crops = crop_flip_views(raw[1], 3, torch.Generator().manual_seed(1), (32, 32))
+    assert crops.shape == (3, 3, 32, 32) and crops.dtype == torch.uint8
 
 
 def make_run(make_config, **options):
