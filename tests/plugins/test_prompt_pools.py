@@ -57,11 +57,30 @@ def test_gather_prompts_concatenates_in_selection_order():
 
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
-    [({"top_k": 11}, "larger than pool_size"), ({"head": "gap"}, "does not exist"), ({"prompt_length": 0}, "at least 1")],
+    [
+        ({"top_k": 11}, "larger than pool_size"),
+        ({"head": "gap"}, "does not exist"),
+        ({"prompt_length": 0}, "at least 1"),
+        ({"prompt_pos_embed": "sincos"}, "prompt_pos_embed 'sincos' does not exist"),
+        ({"head_init": "xavier"}, "head_init 'xavier' does not exist"),
+    ],
 )
 def test_l2p_bad_options(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         L2P(**kwargs)
+
+
+def test_l2p_prompt_pos_embed_reads_booleans_as_before():
+    assert L2P(prompt_pos_embed=True).prompt_pos_embed == "learned"
+    assert L2P(prompt_pos_embed=False).prompt_pos_embed == "none"
+
+
+def test_l2p_class_position_embedding_needs_one(make_config):
+    config = make_config(strategies=[{"name": "l2p", "pool_size": 4, "prompt_length": 2, "top_k": 2}])
+    config.backbone.kwargs["no_embed_class"] = True
+    run = build(config, run_dir=None)
+    with pytest.raises(ConfigError, match="set prompt_pos_embed to 'none' or 'learned'"):
+        run.fit()
 
 
 # --- runs -------------------------------------------------------------------------------
