@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,8 +26,42 @@ log = logging.getLogger(__name__)
 WEIGHT_CHOICES = "'pretrained' (download by name, or use the local cache), a path to a .safetensors/.pth file, or 'random'"
 
 
+def load_error_cause(exc: BaseException) -> str:
+    """The cause inside a reader's (often multi-line) message, as ``Type: first sentence``.
+
+    ``torch.load`` with ``weights_only=True`` wraps the real cause in a paragraph of advice
+    (its ``WeightsUnpickler error:`` line is kept); zip and tar readers append hints after
+    the first sentence. Terminal colour codes are dropped.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error: *(.*)", text)
+    if found:
+        text = found.group(1)
+    first = next((line.strip(" -\t") for line in text.splitlines() if line.strip(" -\t")), "")
+    first = first.split(". ")[0].rstrip(".:")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _looks_like_text(path: Path) -> bool:
+    try:
+        head = path.open("rb").read(512)
+    except OSError:
+        return False
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file or a torch state dict (``weights_only=True``), unwrapping nesting."""
+    """Read a safetensors file or a torch state dict (``weights_only=True``), unwrapping nesting.
+
+    Every failure is one sentence naming the file and the cause: a text file, a truncated
+    or foreign file, a file that holds no dict, or a dict with something other than tensors.
+    """
     if not path.is_file():
         raise BackboneError(f"Backbone weights file '{path}' does not exist; set backbone.weights to an existing file, 'pretrained' or 'random'.")
     try:
@@ -37,12 +72,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is reported the same way
-        raise BackboneError(f"Could not read backbone weights from '{path}' ({type(exc).__name__}: {exc}); use a safetensors file or a torch state dict saved with torch.save.") from exc
+        what = "it is a text file, not saved weights" if _looks_like_text(path) else f"it is truncated, corrupt or not a weights file ({load_error_cause(exc)})"
+        raise BackboneError(f"Could not read backbone weights from '{path}': {what}; use a .safetensors file or a state dict saved with torch.save.") from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise BackboneError(f"'{path}' does not hold a state dict; save the model's state_dict() instead.")
+        raise BackboneError(f"'{path}' holds a {type(state).__name__}, not a state dict; save the model's state_dict() instead.")
+    if not state:
+        raise BackboneError(f"'{path}' holds an empty dict, not the model's weights; save the model's state_dict() instead.")
+    for key, value in state.items():
+        if not isinstance(key, str) or not torch.is_tensor(value):
+            raise BackboneError(
+                f"'{path}' is not a state dict of tensors: entry {key!r} holds a {type(value).__name__}; save the model's state_dict() (names to tensors) instead."
+            )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -127,13 +170,22 @@ class ViTBackbone(nn.Module):
             raise BackboneError(f"timm has no model named '{name}'{hint}; pick a name from timm.list_models('vit*').")
         weights = str(weights)
         pretrained = weights == "pretrained"
+
+        def kwargs_error(exc: BaseException) -> BackboneError:
+            return BackboneError(f"timm model '{name}' cannot be built with backbone.kwargs {dict(model_kwargs)} ({load_error_cause(exc)}); fix backbone.kwargs.")
+
         try:
             model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
         except TypeError as exc:
             raise BackboneError(f"timm model '{name}' does not accept the options {sorted(model_kwargs)} ({exc}); fix backbone.kwargs.") from exc
-        except Exception as exc:  # noqa: BLE001 - download and cache failures come in many types
+        except Exception as exc:  # noqa: BLE001 - bad kwargs, download and cache failures come in many types
             if not pretrained:
-                raise
+                raise kwargs_error(exc) from exc
+            if model_kwargs:  # the options, not the download, may be at fault: ask a random build
+                try:
+                    timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+                except Exception as bad:  # noqa: BLE001
+                    raise kwargs_error(bad) from bad
             raise BackboneError(
                 f"Could not load pretrained weights for '{name}' ({type(exc).__name__}); connect to the network once so timm can cache them, "
                 f"or set backbone.weights to a local .safetensors/.pth file, or to 'random' for a randomly initialised backbone."
@@ -171,8 +223,8 @@ class ViTBackbone(nn.Module):
         try:
             state = checkpoint_filter_fn(state, model)
             result = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            raise BackboneError(f"Weights in '{path}' do not fit model '{name}' ({str(exc).splitlines()[0]}); set backbone.name to the model they were saved from.") from exc
+        except Exception as exc:  # noqa: BLE001 - shape mismatches surface from timm's filter or from load_state_dict
+            raise BackboneError(f"Weights in '{path}' do not fit model '{name}' ({load_error_cause(exc)}); set backbone.name to the model they were saved from, with its backbone.kwargs.") from exc
         missing = [k for k in result.missing_keys if not k.startswith("head")]
         if missing:
             raise BackboneError(

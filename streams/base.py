@@ -5,10 +5,56 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import logging
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from driftprompt.engine.errors import StreamError
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableImageError(StreamError):
+    """A lazily decoded image turned out truncated or corrupt when its batch was read.
+
+    Batch iteration (:func:`iterate`) skips such a sample and counts it in the dataset's
+    ``skipped``, as for an image caught when the dataset was built; indexing the dataset
+    directly raises it with its one-sentence message.
+    """
+
+    def __init__(self, message: str, file: str = "") -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class _SkipUnreadable(Dataset):
+    """Wraps a dataset so that an unreadable item becomes ``None`` (dropped when collating)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except UnreadableImageError as exc:
+            return ("unreadable", exc.file or str(exc))
+
+
+def _collate_readable(items: list[Any]) -> tuple[Any, list[str]]:
+    bad = [item[1] for item in items if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and item[0] == "unreadable"]
+    good = [item for item in items if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and item[0] == "unreadable")]
+    return (default_collate(good) if good else None), bad
+
+
+def _skipped_root(dataset: Dataset) -> Dataset:
+    """The dataset that counts skipped files (through ``Subset`` wrappers)."""
+    while not hasattr(dataset, "skipped") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset  # type: ignore[attr-defined]
+    return dataset
 
 
 class TensorImageDataset(Dataset):
@@ -92,15 +138,29 @@ def iterate(dataset: Dataset, batch_size: int, shuffle: bool = False, generator:
         return
     tags = dict(getattr(dataset, "tags", None) or {})
     loader = DataLoader(
-        dataset,
+        _SkipUnreadable(dataset),
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        collate_fn=_collate_readable,
     )
-    for batch in loader:
+    counter = _skipped_root(dataset)
+    for batch, bad in loader:
+        if bad:
+            # a file that passed the header check but is truncated: skipped and counted (once,
+            # whatever the epoch) like one caught when the dataset was built
+            known: set[str] = counter.__dict__.setdefault("unreadable_files", set())
+            new = [f for f in bad if f not in known]
+            known.update(new)
+            if new:
+                if hasattr(counter, "skipped"):
+                    counter.skipped = int(counter.skipped) + len(new)  # type: ignore[attr-defined]
+                log.warning("Skipped %d unreadable image(s) while reading a batch (first: %s); remove or replace them to silence this.", len(new), new[0])
+        if batch is None:
+            continue
         images, targets = batch[0], batch[1]
         extras = {"index": batch[2]} if len(batch) > 2 else {}
         yield images, targets, tag_extras(extras, tags, int(images.shape[0]))

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +29,7 @@ from torch.utils.data import Dataset
 
 from driftprompt.engine.errors import StreamError
 
-from .base import TensorImageDataset
+from .base import TensorImageDataset, UnreadableImageError
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,43 @@ SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
 _MEMORY: dict[str, dict[str, Any]] = {}
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB copy of any Pillow image, with high-bit-depth grey images scaled to 8 bits.
+
+    Pillow's ``convert("RGB")`` clips 16-bit grey images (modes ``I;16``, ``I;16B``, ``I;16L``,
+    and ``I`` as 16-bit PNG and TIFF files open) at 255, which turns nearly every pixel
+    white. Their values are shifted down to 8 bits instead: by 8 bits for a 16-bit mode, and
+    for the 32-bit ``I`` mode by the bit depth its values actually use (8, 16 or 32 bits, as
+    a 16-bit file read into it keeps values below 65536). Float (``F``) images are taken to
+    lie in [0, 1] when their maximum is at most 1, else in [0, 255]. Palette, grey, RGBA and
+    CMYK images convert as Pillow converts them.
+    """
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        if mode == "I":
+            top = int(arr.max()) if arr.size else 0
+            bits = 8 if top < 1 << 8 else 16 if top < 1 << 16 else 32
+        else:
+            bits = 16
+        grey = (np.clip(arr, 0, None) >> (bits - 8)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def decode(data: bytes | Path, image_size: int | None = None) -> torch.Tensor:
     """Decode an image file (bytes or path) to a uint8 (3, H, W) RGB tensor with Pillow.
 
-    With ``image_size``, the shorter side is resized to it (bilinear, antialiased) and the
-    centre square is cut, so every image of a dataset has the same shape.
+    16-bit images are scaled to 8 bits (see :func:`to_rgb`). With ``image_size``, the shorter
+    side is resized to it (bilinear, antialiased) and the centre square is cut, so every
+    image of a dataset has the same shape.
     """
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if image_size is not None and img.size != (image_size, image_size):
             w, h = img.size
             scale = image_size / min(w, h)
@@ -57,7 +87,13 @@ def decode(data: bytes | Path, image_size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (tarfile and torch write several)."""
+    lines = [line.strip(" -:") for line in str(exc).splitlines() if line.strip(" -:")]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no details'}"
 
 
 @dataclass
@@ -79,6 +115,8 @@ def _split_and_class(parts: Sequence[str], splits: Sequence[str]) -> tuple[str, 
 
 
 def _stack(c: _Collected, classes: list[str], source: str, split: str) -> TensorImageDataset:
+    if c.skipped and not c.images:
+        raise StreamError(f"All {len(c.skipped)} image(s) of split '{split}' in '{source}' are unreadable or empty (first: {c.skipped[0]}); replace them with valid image files.")
     if c.skipped:
         log.warning("Skipped %d unreadable image(s) of split '%s' in '%s' (first: %s); remove or replace them to silence this.", len(c.skipped), split, source, c.skipped[0])
     if not c.images:
@@ -111,7 +149,7 @@ def _cached(path: Path, cache_dir: str | os.PathLike[str] | None, options: dict[
         return _MEMORY[key]
     file = Path(os.path.expanduser(str(cache_dir))) / f"{path.name.split('.')[0]}-{key}.pt" if cache_dir is not None else None
     if file is not None and file.is_file():
-        result = torch.load(file, map_location="cpu", weights_only=True)
+        result = _load_cache(file, options)
     else:
         result = read()
         if file is not None:
@@ -120,6 +158,22 @@ def _cached(path: Path, cache_dir: str | os.PathLike[str] | None, options: dict[
             torch.save(result, tmp)
             os.replace(tmp, file)
     _MEMORY[key] = result
+    return result
+
+
+def _load_cache(file: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """A decoded-stream cache file, checked: a truncated or foreign file is named, never half-used."""
+    try:
+        result = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zips, pickles and foreign files fail in many ways
+        raise StreamError(f"Stream cache file '{file}' cannot be read ({_one_line(exc)}); delete it and it is rebuilt from the images.") from exc
+    splits = [s or "" for s in options.get("splits", [])]
+    ok = isinstance(result, dict) and isinstance(result.get("classes"), list)
+    for split in splits if ok else []:
+        part = result.get(split)
+        ok = ok and isinstance(part, dict) and torch.is_tensor(part.get("images")) and torch.is_tensor(part.get("targets")) and part["images"].dim() == 4 and part["images"].shape[0] == part["targets"].shape[0]
+    if not ok:
+        raise StreamError(f"Stream cache file '{file}' does not hold a decoded image stream (written by another program or version); delete it and it is rebuilt from the images.")
     return result
 
 
@@ -182,8 +236,8 @@ def read_tar(
                         continue
                     c.labels.append(cls)
                     c.per_class[cls] = c.per_class.get(cls, 0) + 1
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise StreamError(f"'{path}' is not a readable tar archive ({type(exc).__name__}: {exc}); re-download or re-create it.") from exc
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            raise StreamError(f"'{path}' is not a readable tar archive ({_one_line(exc)}); re-download or re-create it.") from exc
         if not names:
             raise StreamError(f"Archive '{path}' holds no images under {'/'.join(splits)}/<class>/; use the layout <split>/<class>/<image> inside it.")
         return _pack(collected, sorted(names), str(path))
@@ -327,6 +381,8 @@ class ImageFileDataset(Dataset):
                     continue
             keep_files.append(Path(f))
             keep_labels.append(int(y))
+        if skipped and not keep_files:
+            raise StreamError(f"All {len(skipped)} image(s) given are unreadable or empty (first: {skipped[0]}); replace them with valid image files.")
         if skipped:
             log.warning("Skipped %d unreadable image(s) (first: %s); remove or replace them to silence this.", len(skipped), skipped[0])
         self.files = keep_files
@@ -339,10 +395,12 @@ class ImageFileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        """Decode item ``i``; a file that passed the header check but is truncated or corrupt
+        raises :class:`UnreadableImageError`, which batch iteration skips and counts."""
         try:
             return decode(self.files[i], self.image_size), int(self.targets[i]), i
         except _DECODE_ERRORS as exc:
-            raise StreamError(f"Image '{self.files[i]}' cannot be decoded ({exc}); remove or replace the file.") from exc
+            raise UnreadableImageError(f"Image '{self.files[i]}' cannot be decoded ({_one_line(exc)}); remove or replace the file.", str(self.files[i])) from exc
 
 
 def lazy_folder(root: str | os.PathLike[str], split: str | None, image_size: int = 224, classes: list[str] | None = None) -> ImageFileDataset:

@@ -115,3 +115,38 @@ def test_unknown_and_non_vit_models_are_refused():
         ViTBackbone("vit_smal_patch16_224", "random")
     with pytest.raises(BackboneError, match="not a VisionTransformer"):
         ViTBackbone("resnet18", "random")
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        ("text", "text file"),
+        ("truncated", "truncated, corrupt or not a weights file"),
+        ("not_a_dict", "holds a list"),
+        ("non_tensors", "entry 'pos_embed' holds a int"),
+        ("empty", "empty dict"),
+    ],
+)
+def test_unusable_weights_files_are_one_sentence(backbone, tmp_path, content, phrase):
+    path = tmp_path / "w.pth"
+    if content == "text":
+        path.write_text("these are not weights\nat all\n")
+    elif content == "truncated":
+        torch.save(backbone.model.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:500])
+    elif content == "not_a_dict":
+        torch.save([torch.zeros(1)], path)
+    elif content == "non_tensors":
+        torch.save({"pos_embed": 3, "cls_token": torch.zeros(1)}, path)
+    else:
+        torch.save({}, path)
+    with pytest.raises(BackboneError) as info:
+        ViTBackbone(TINY_BACKBONE["name"], path, **KW)
+    assert phrase in str(info.value) and "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [({"depth": -1}, "number of steps must be non-negative"), ({"patch_size": 0}, "ZeroDivisionError"), ({"unknown_option": 1}, "unknown_option")])
+def test_backbone_kwargs_the_model_cannot_take_are_one_sentence(kwargs, phrase):
+    with pytest.raises(BackboneError, match="backbone.kwargs") as info:
+        ViTBackbone(TINY_BACKBONE["name"], "random", **{**KW, **kwargs})
+    assert phrase in str(info.value) and "\n" not in str(info.value)

@@ -300,3 +300,48 @@ def test_accuracy_matrix_validation():
         AccuracyMatrix.from_list([[1.0, 2.0], [3.0]])
     with pytest.raises(ValueError):
         AccuracyMatrix.from_list([])
+
+
+def test_an_experience_without_test_images_is_left_out_not_zero():
+    m = AccuracyMatrix(3)
+    assert m.mark_empty(1) and not m.mark_empty(1)
+    for i in range(3):
+        for j in range(i + 1):
+            m.set(i, j, NAN if j == 1 else 90.0 - 10 * (i - j))
+    s = m.summary()
+    assert s["empty_test_experiences"] == [1]
+    assert s["final_average_accuracy"] == pytest.approx((70.0 + 90.0) / 2)  # not (70 + 0 + 90) / 3
+    assert s["average_incremental_accuracy"] == pytest.approx((90.0 + 80.0 + 80.0) / 3)
+    # the empty experience survives a round trip through the checkpoint's lists
+    assert AccuracyMatrix.from_list(m.to_list()).summary()["empty_test_experiences"] == [1]
+    assert "empty_test_experiences" not in AccuracyMatrix.from_list([[50.0, None], [40.0, 60.0]]).summary()
+
+
+def test_summary_reports_run_notes():
+    m = AccuracyMatrix(1)
+    m.set(0, 0, 50.0)
+    m.notes["skipped_nonfinite_steps"] = 3
+    assert m.summary()["skipped_nonfinite_steps"] == 3
+
+
+def test_a_run_leaves_an_experience_without_test_images_out_with_a_warning(tmp_path, make_config, caplog):
+    from driftprompt.engine.plugins import Registered, discover
+    from driftprompt.engine.run import build
+    from driftprompt.streams.builtin import synthetic_class_incremental
+
+    def one_empty(**options):
+        stream = synthetic_class_incremental(**options)
+        stream[1].test = stream[1].test.subset(torch.zeros(0, dtype=torch.long))
+        return stream
+
+    registry = discover()
+    registry.streams["one_empty"] = Registered("one_empty", one_empty, "tests")
+    config = make_config()
+    config = config.model_copy(update={"stream": config.stream.model_copy(update={"name": "one_empty"})})
+    with build(config, run_dir=tmp_path / "run", registry=registry) as run:
+        summary = run.fit()
+    assert summary["empty_test_experiences"] == [1]
+    assert summary["accuracy"][1][1] is None and summary["accuracy"][1][0] is not None
+    assert summary["final_average_accuracy"] == summary["accuracy"][1][0]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["empty_test_experiences"] == [1]
+    assert "Experience 1 has no test images" in caplog.text
