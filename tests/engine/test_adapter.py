@@ -92,3 +92,30 @@ def test_reset_and_state_dict_round_trip(clip):
     other = make_adapter(clip)
     other.load_state_dict(saved)
     assert other.seen == 1 and torch.equal(other.strategies[0][1].ctx.detach(), saved["strategies"]["tpt"]["ctx"])
+
+
+def test_extreme_finite_pixels_fail_alone_and_leave_the_strategies_untouched(clip):
+    from driftprompt.plugins.dynaprompt import DynaPrompt
+
+    dp = DynaPrompt(views=4, buffer_size=3, collapse_window=0)
+    adapter = OnlineAdapter(clip, [dp], class_names=NAMES, device="cpu")
+    adapter.predict([torch.rand(3, 20, 20)])
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in dp.state_dict().items()}
+    out = adapter.predict([torch.full((3, 20, 24), 1e300, dtype=torch.float64), torch.full((3, 20, 24), 3e38), torch.rand(3, 22, 30)])
+    assert [r.ok for r in out] == [False, False, True]
+    assert out[0].probs is None and "float32" in out[0].error
+    assert "not finite" in out[1].error
+    assert bool(torch.isfinite(out[2].probs).all())
+    after = {k: v.clone() if torch.is_tensor(v) else list(v) for k, v in dp.state_dict().items()}
+    assert torch.isfinite(after["delta"]).all()
+    assert after["uses"] != before["uses"]  # the good image used prompts
+    # an image that fails after adapting is rolled back: the buffer is exactly as before it
+    out = adapter.predict([torch.full((3, 20, 24), 3e38)])
+    assert not out[0].ok
+    rolled = dp.state_dict()
+    assert torch.equal(rolled["delta"], after["delta"]) and rolled["uses"] == after["uses"] and rolled["order"] == after["order"]
+
+
+def test_predict_none_returns_an_error_instead_of_raising(clip):
+    out = make_adapter(clip).predict(None)
+    assert len(out) == 1 and not out[0].ok and "NoneType" in out[0].error and "(B, 3, H, W)" in out[0].error

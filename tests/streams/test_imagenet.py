@@ -60,3 +60,25 @@ def test_wrong_folders_are_refused(tmp_path):
     with pytest.raises(StreamError, match="Unknown ImageNet variant"):
         imagenet_variant("imagenet_z", tmp_path / "r")
     torch.manual_seed(0)
+
+
+def test_test_time_batches_carry_the_raw_images_and_clip_style_squares(tmp_path):
+    import numpy as np
+    import torchvision.transforms as T
+
+    root = tmp_path / "v2"
+    rng = np.random.default_rng(0)
+    sizes = {"0": (40, 24), "1": (18, 30)}  # (width, height): different sizes in one batch
+    for n, size in sizes.items():
+        (root / n).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / n / "0.png")
+    stream = imagenet_test_time("imagenet_v2", path=str(root), image_size=16, batch_size=2, shuffle=False)
+    images, _, extras = next(stream.batches())
+    assert images.shape == (2, 3, 16, 16)
+    assert [tuple(r.shape) for r in extras["raw"]] == [(3, 24, 40), (3, 30, 18)]
+    for img, n in zip(images, sizes):
+        pil = Image.open(root / n / "0.png").convert("RGB")
+        want = np.asarray(T.Compose([T.Resize(16, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(16)])(pil))
+        assert torch.equal(img, torch.from_numpy(want.copy()).permute(2, 0, 1))
+    plain = imagenet_variant("imagenet_v2", root, image_size=16, keep_raw=False)
+    assert not hasattr(plain, "decode_with_raw")
