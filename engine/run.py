@@ -90,7 +90,7 @@ class RunDirLock:
         self.path = path
         self._handle: Any = None
 
-    def acquire(self) -> None:
+    def acquire(self, record_pid: bool = True) -> None:
         try:
             import fcntl
         except ImportError:  # no flock on this platform: the emptiness checks still apply
@@ -103,10 +103,11 @@ class RunDirLock:
             owner = handle.read().strip() or "?"
             handle.close()
             raise ConfigError(f"Run directory '{self.path}' is in use by another driftprompt process (pid {owner}); wait for it to end, or choose another run_dir.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        if record_pid:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
         self._handle = handle
 
     def release(self) -> None:
@@ -135,24 +136,32 @@ def _refuse_used_dir(path: Path) -> None:
 
 
 def open_run_dir(path: Path, resume: bool) -> RunDirLock:
-    """Create (or, resuming, reopen) a run directory and lock it for this process."""
-    if not resume:
-        _refuse_used_dir(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"Run directory '{path}' cannot be created: {describe_os_error(exc)}") from None
+    """Create (or, resuming, reopen) a run directory and lock it for this process.
+
+    A directory that another process holds is refused first ("in use"); a new run is then
+    refused anything but a new or empty folder. Nothing is written into a folder that is
+    refused, not even the lock file.
+    """
     lock = RunDirLock(path)
-    try:
+    if path.is_dir() and (path / LOCK_NAME).exists():
         lock.acquire()
-    except OSError as exc:
-        raise ConfigError(f"Run directory '{path}' cannot be locked: {describe_os_error(exc)}") from None
-    if not resume:
+    try:
+        if not resume:
+            _refuse_used_dir(path)
         try:
-            _refuse_used_dir(path)  # another process may have started there before we locked it
-        except BaseException:
-            lock.release()
-            raise
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"Run directory '{path}' cannot be created: {describe_os_error(exc)}") from None
+        if lock._handle is None:
+            try:
+                lock.acquire()
+            except OSError as exc:
+                raise ConfigError(f"Run directory '{path}' cannot be locked: {describe_os_error(exc)}") from None
+            if not resume:
+                _refuse_used_dir(path)  # another process may have started there before we locked it
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 
@@ -436,6 +445,10 @@ def resume(run_dir: str | Path, registry: Registry | None = None) -> Run:
     path = Path(run_dir)
     if not path.is_dir() or not (path / "config.yaml").is_file():
         raise CheckpointError(f"'{path}' is not a run directory (no config.yaml); pass the folder a previous run wrote.")
+    if (path / LOCK_NAME).exists():  # a run in progress there: say so before anything else
+        probe = RunDirLock(path)
+        probe.acquire(record_pid=False)
+        probe.release()
     payload = load(path / CHECKPOINT_NAME, REQUIRED_KEYS)
     summary = read_summary(path)
     if payload["next_experience"] >= payload["num_experiences"] and payload.get("position") is None and summary is not None and summary.get("status") == "finished":
