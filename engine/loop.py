@@ -6,6 +6,7 @@ Neither loop knows any strategy: they walk the fixed sequence of :class:`Event` 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_save, rng_state, set_rng_state
-from .errors import CheckpointError, PluginError, StreamError
+from .config import config_record
+from .errors import CheckpointError, DriftpromptError, PluginError, condense, StreamError
 from .events import Event
 from .hookspecs import hookimpl
 from .metrics import AccuracyMatrix
@@ -280,57 +282,119 @@ class ContinualLoop(_Loop):
         self.timings: list[dict[str, float]] = []
         self.start = 0
         self._saved_optimizer: dict[str, Any] | None = None
+        self._boundary: dict[str, Any] | None = None  # state at the start of the experience (mid-experience checkpoints)
+        self._mid: dict[str, Any] | None = None  # a mid-experience checkpoint waiting for its experience to restart
+        self._saved_step = -1
         state.num_experiences = len(stream)
         state.num_classes = stream.num_classes
         state.metrics["accuracy_matrix"] = self.accuracy
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def checkpoint_payload(self) -> dict[str, Any]:
+    def checkpoint_payload(self, position: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What ``checkpoint.pt`` holds: after an experience, or (``position`` given) in the
+        middle of one, together with the state at the start of that experience."""
         s = self.state
         return {
             "format_version": FORMAT_VERSION,
             "backbone": s.backbone.fingerprint,
             "strategy_names": [name for name, _ in self.strategies],
             "next_experience": self.start,
+            "num_experiences": len(self.stream),
             "step": s.step,
             "seen_classes": list(s.seen_classes),
             "head": s.head.state_dict() if s.head is not None else None,
             "strategies": {name: plugin.state_dict() for name, plugin in self.strategies if hasattr(plugin, "state_dict")},
             "optimizer": optimizer_state_by_name(s.optimizer) if s.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if position is not None and self.scheduler is not None else None,
             "rng": rng_state(),
             "metrics": {"accuracy": self.accuracy.to_list(), "baseline": self.baseline, "timings": self.timings},
+            # the resolved config, so that --resume can refuse an edited one
+            "config": config_record(self.config),
+            # metrics.jsonl's size at this point: a resumed run cuts the records written after it
+            "metrics_offset": self.logger.offset if self.logger is not None else None,
+            "position": position,
+            "boundary": self._boundary if position is not None else None,
         }
 
     def restore(self, payload: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by this loop (after ``init`` has run)."""
+        """Continue from a checkpoint written by this loop (after ``init`` has run).
+
+        A mid-experience checkpoint restores the state at the start of its experience now;
+        the experience then starts again (its ``experience_start`` sees what it saw the first
+        time), and the saved batch-level state is laid over it where the batch loop resumes.
+        """
         s = self.state
         if payload["backbone"] != s.backbone.fingerprint:
             raise CheckpointError(f"The checkpoint was written for backbone {payload['backbone']}, not {s.backbone.fingerprint}; resume with the run's own config.")
         names = [name for name, _ in self.strategies]
         if payload["strategy_names"] != names:
             raise CheckpointError(f"The checkpoint was written by strategies {payload['strategy_names']}, not {names}; resume with the run's own config.")
+        if payload.get("num_experiences", len(self.stream)) != len(self.stream):
+            raise CheckpointError(f"The checkpoint was written for a stream of {payload['num_experiences']} experiences, not {len(self.stream)}; resume with the run's own config.")
         self._init()
+        mid = payload if payload.get("position") is not None else None
+        base = payload["boundary"] if mid is not None else payload
+        if mid is not None and base is None:
+            raise CheckpointError("The mid-experience checkpoint lacks the state at the start of its experience; it is damaged, so start the run again.")
+        self._boundary = base if mid is not None else None
+        self._mid = mid
         self.start = payload["next_experience"]
-        s.step = payload["step"]
-        s.seen_classes = list(payload["seen_classes"])
-        if s.head is not None and payload["head"] is not None:
-            s.head.load_state_dict(payload["head"])
-        for name, plugin in self.strategies:
-            if name in payload["strategies"] and hasattr(plugin, "load_state_dict"):
-                plugin.load_state_dict(payload["strategies"][name])
-        self._saved_optimizer = payload["optimizer"]
-        metrics = payload["metrics"]
+        s.step = base["step"]
+        s.seen_classes = list(base["seen_classes"])
+        self._load_models(base)
+        self._saved_optimizer = base["optimizer"]
+        metrics = base["metrics"]
         restored = AccuracyMatrix.from_list(metrics["accuracy"])
         self.accuracy = restored
         s.metrics["accuracy_matrix"] = restored
         self.baseline = metrics["baseline"]
         self.timings = list(metrics["timings"])
-        set_rng_state(payload["rng"])
+        set_rng_state(base["rng"])
 
-    def _save(self) -> None:
+    def _load_models(self, payload: dict[str, Any]) -> None:
+        """The head's and the strategies' saved state, with one-sentence errors."""
+        s = self.state
+        if s.head is not None and payload["head"] is not None:
+            try:
+                s.head.load_state_dict(payload["head"])
+            except (RuntimeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"The checkpoint's head does not fit this run ({condense(str(exc), 160)}); the number of classes or the backbone changed, so resume with the run's own config.") from exc
+        for name, plugin in self.strategies:
+            if name in payload["strategies"] and hasattr(plugin, "load_state_dict"):
+                try:
+                    plugin.load_state_dict(payload["strategies"][name])
+                except DriftpromptError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a plugin's own loading code
+                    raise CheckpointError(f"Strategy '{name}' cannot load its saved state ({type(exc).__name__}: {condense(str(exc), 160)}); resume with the run's own config and plugin version.") from exc
+
+    def _resume_batch_state(self) -> dict[str, Any] | None:
+        """Lay a mid-experience checkpoint over the restarted experience; returns its position."""
+        mid, self._mid = self._mid, None
+        if mid is None:
+            return None
+        s, cfg = self.state, self.config
+        s.step = mid["step"]
+        self._load_models(mid)
+        if s.optimizer is not None:
+            # a strategy's load_state_dict may have replaced its parameters: rebuild over them
+            held = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
+            if held != {id(p) for g in self.hooks.trainable_parameters(s) for p in g["params"]}:
+                s.optimizer = None
+                self._build_optimizer(cfg.train.optimizer, True)
+                if self.scheduler is not None:
+                    self.scheduler.optimizer = s.optimizer
+            if mid["optimizer"] is not None and s.optimizer is not None:
+                load_optimizer_state_by_name(s.optimizer, mid["optimizer"])
+        if self.scheduler is not None and mid.get("scheduler") is not None:
+            self.scheduler.load_state_dict(mid["scheduler"])
+        set_rng_state(mid["rng"])
+        return dict(mid["position"])
+
+    def _save(self, position: dict[str, Any] | None = None) -> None:
         if self.state.run_dir is not None and self.state.dist.is_main:
-            atomic_save(self.checkpoint_payload(), self.state.run_dir / CHECKPOINT_NAME)
+            atomic_save(self.checkpoint_payload(position), self.state.run_dir / CHECKPOINT_NAME)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -344,6 +408,9 @@ class ContinualLoop(_Loop):
             self.baseline = self._evaluate_untrained()
         experiences = self._bar(range(self.start, len(self.stream)), len(self.stream) - self.start, "experiences", leave=True)
         for i in experiences:
+            if cfg.checkpoint.every_steps and self._mid is None:
+                # what a mid-experience checkpoint restarts the experience from
+                self._boundary = copy.deepcopy(self.checkpoint_payload())
             self._train_experience(i)
             self.start = i + 1
             self._save()
@@ -386,7 +453,10 @@ class ContinualLoop(_Loop):
         # An online stream is a single pass in arrival order, whatever train.epochs says.
         online = bool(getattr(self.stream, "online", False))
         epochs = 1 if online else cfg.train.epochs
+        position = self._mid["position"] if self._mid is not None else None  # resuming inside this experience
         for epoch in self._bar(range(epochs), epochs, f"exp {i} epochs"):
+            if position is not None and epoch < position["epoch"]:
+                continue  # trained before the mid-experience checkpoint
             s.epoch = epoch
             self.hooks.fire(Event.EPOCH_START, s)
             if isinstance(self.scheduler, EpochSchedule) and epoch > 0:
@@ -394,8 +464,17 @@ class ContinualLoop(_Loop):
             loss_sum = torch.zeros((), device=s.device)
             n_batches = 0
             self._last_step_bad = None
+            skip = 0
+            if position is not None:
+                self._resume_batch_state()
+                skip, n_batches, images_seen = position["batch"], position["n_batches"], position["images_seen"]
+                loss_sum = position["loss_sum"].to(s.device)
+                started -= position["train_seconds"]
+                position = None
             batches = _batches(exp.train, cfg.train.batch_size, not online, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
             for b, (images, targets, extras) in enumerate(self._bar(batches, math.ceil(len(exp.train) / cfg.train.batch_size), f"exp {i} epoch {epoch}")):
+                if b < skip:
+                    continue  # trained before the mid-experience checkpoint (same order: same generator)
                 s.batch_index = b
                 if images.shape[0] < s.dist.world_size:
                     continue  # a last batch smaller than the number of processes: every process skips it
@@ -405,6 +484,9 @@ class ContinualLoop(_Loop):
                     loss = s.loss.detach()  # type: ignore[union-attr]
                     loss_sum += loss if bad is None else torch.where(bad, torch.zeros_like(loss), loss)
                     n_batches += 1
+                if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and s.step != self._saved_step:
+                    self._saved_step = s.step
+                    self._save({"epoch": epoch, "batch": b + 1, "n_batches": n_batches, "images_seen": images_seen, "loss_sum": loss_sum.detach().cpu().clone(), "train_seconds": time.perf_counter() - started})
                 if s.stop:
                     break
             # before epoch_end, the evaluation and the checkpoint: nothing sees a NaN state
