@@ -486,6 +486,7 @@ class ContinualLoop(_Loop):
                     n_batches += 1
                 if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and s.step != self._saved_step:
                     self._saved_step = s.step
+                    self.check_numerics(reset=False)  # no checkpoint of a non-finite state
                     self._save({"epoch": epoch, "batch": b + 1, "n_batches": n_batches, "images_seen": images_seen, "loss_sum": loss_sum.detach().cpu().clone(), "train_seconds": time.perf_counter() - started})
                 if s.stop:
                     break
