@@ -1,26 +1,32 @@
 """Seconds per test sample of the ``tpt`` plugin against a reference with the official TPT structure.
 
 The reference follows the official code (azshue/TPT, ``tpt_classification.py`` and
-``clip/custom_clip.py``): 64 views made on the CPU with torchvision from the raw PIL image
-(the resized and centre-cropped image, and 63 ``RandomResizedCrop`` + ``RandomHorizontalFlip``
-views, as ``AugMixAugmenter`` with ``augmix=False``), the prompt reset and the optimizer
-state reloaded for every sample, every view re-encoded at every step (image tower without
-gradients), 1000 x 77-token text encoding with the full causal mask, the 10% most confident
+``clip/custom_clip.py``): 64 views made with torchvision from the raw PIL image (the resized
+and centre-cropped image, and 63 ``RandomResizedCrop`` + ``RandomHorizontalFlip`` views, as
+``AugMixAugmenter`` with ``augmix=False``) by the worker processes of a ``DataLoader``
+(``--workers``, 4 as the official ``-j``; tpt_classification.py:213-216), the prompt reset and
+the optimizer state reloaded for every sample, every view re-encoded at every step (image tower
+without gradients), 77-token text encoding with the full causal mask, the 10% most confident
 views chosen at the first step, ``avg_entropy``, one AdamW step (lr 5e-3), and a prediction
-that encodes the original image again with the tuned prompt. Everything in fp32 (the official
-code runs fp16 autocast).
+that encodes the original image again with the tuned prompt. On CUDA the reference runs the
+official fp16 autocast with a ``GradScaler(init_scale=1000)`` (tpt_classification.py:62, 149,
+290); on the CPU both sides run fp32.
 
-``ours`` is the engine's path: ``OnlineAdapter`` with the ``tpt`` plugin (views made on the
-device from the preprocessed image, view features encoded once per sample, text cropped at the
-last end-of-text token, bf16 autocast on CUDA).
+``ours`` is the engine's path: ``OnlineAdapter`` with the ``tpt`` plugin (views cut on the
+device from the raw image, view features encoded once per sample, text cropped at the last
+end-of-text token, bf16 autocast on CUDA).
 
-Both sides get the same raw images, the same CLIP weights and the same initial context ("a
-photo of a"). The views cannot be made identical (PIL crops of the raw image against
-``roi_align`` crops of the preprocessed image), so the script reports the fraction of
-identical top-1 predictions on the original view after the step, and how many predictions
-the step changed from the zero-shot prediction on each side.
+The two sides alternate sample by sample (which side goes first alternates too), so that
+machine load drifts over both alike; the reference's time per sample runs from asking its
+loader for the sample's views to its prediction, so views its workers made ahead of time cost
+it nothing, as in the official pipeline. Both sides get the same non-square raw images, CLIP
+weights and initial context ("a photo of a"). The views are not identical (PIL against tensor
+resampling, different random draws), so the script reports the fraction of identical top-1
+predictions on the original view after the step, how many predictions the step changed from
+the zero-shot prediction on each side, and the same for the reference against itself with
+other view seeds (a control for view randomness alone).
 
-    python benchmarks/tpt_latency.py --quick               # tiny CLIP, CPU (1 thread), 8 samples, 20 classes
+    python benchmarks/tpt_latency.py --quick               # tiny CLIP, CPU (1 thread), 8 samples, 20 classes, 2 view workers
     python benchmarks/tpt_latency.py --device cuda         # ViT-B/16 (random init), 1000 classes
 
 The last line printed is one JSON object with the figures.
@@ -70,7 +76,7 @@ def reference_select(logits: torch.Tensor, top: float) -> tuple[torch.Tensor, to
 class ReferenceTPT:
     """TPT with the official code's structure, in fp32, on an open_clip model."""
 
-    def __init__(self, clip: CLIPBackbone, names: list[str], device: torch.device, n_ctx: int = 4, ctx_init: str = "a photo of a", views: int = 64, selection: float = 0.1, lr: float = 5e-3, steps: int = 1) -> None:
+    def __init__(self, clip: CLIPBackbone, names: list[str], device: torch.device, n_ctx: int = 4, ctx_init: str = "a photo of a", views: int = 64, selection: float = 0.1, lr: float = 5e-3, steps: int = 1, fp16: bool = False) -> None:
         import torchvision.transforms as T
 
         self.model = clip.model
@@ -90,6 +96,14 @@ class ReferenceTPT:
         self.ctx = torch.nn.Parameter(self.init_ctx.clone())
         self.optimizer = torch.optim.AdamW([self.ctx], lr=lr)
         self.optim_state = copy.deepcopy(self.optimizer.state_dict())
+        self.fp16 = fp16
+        self.scaler = torch.cuda.amp.GradScaler(init_scale=1000) if fp16 else None
+
+    def autocast(self):  # type: ignore[no-untyped-def]
+        """The official ``torch.cuda.amp.autocast()`` (fp16) on CUDA; nothing on the CPU."""
+        import contextlib
+
+        return torch.autocast("cuda", dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
 
     def text_features(self) -> torch.Tensor:
         m = self.model
@@ -129,23 +143,51 @@ class ReferenceTPT:
             return int(self.logits(image).argmax())
 
     def sample(self, raw: torch.Tensor, seed: int) -> torch.Tensor:
-        """Adapt on one raw image; returns the probabilities (C,) on the original view, on the CPU."""
-        images = self.make_views(raw, seed).to(self.device)
+        """Adapt on one raw image, views made here; returns the probabilities (C,) on the original view."""
+        return self.adapt(self.make_views(raw, seed))
+
+    def adapt(self, views: torch.Tensor) -> torch.Tensor:
+        """Adapt on one sample's views (V, 3, S, S), the original first; probabilities (C,) on the CPU."""
+        images = views.to(self.device, non_blocking=True)
         image = images[:1]
         self.reset()
         selected = None
         for _ in range(self.steps):
-            output = self.logits(images)
-            if selected is None:
-                output, selected = reference_select(output, self.selection)
-            else:
-                output = output[selected]
-            loss = reference_avg_entropy(output)
+            with self.autocast():
+                output = self.logits(images)
+                if selected is None:
+                    output, selected = reference_select(output, self.selection)
+                else:
+                    output = output[selected]
+                loss = reference_avg_entropy(output)
             self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-        with torch.no_grad():
-            return self.logits(image)[0].softmax(dim=-1).cpu()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+        with torch.no_grad(), self.autocast():
+            return self.logits(image)[0].float().softmax(dim=-1).cpu()
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """The official ``AugMixAugmenter`` (augmix off) over raw images, run in DataLoader workers."""
+
+    def __init__(self, reference: ReferenceTPT, raws: torch.Tensor, seed: int) -> None:
+        self.base, self.preprocess, self.preaugment = reference.base, reference.preprocess, reference.preaugment
+        self.views, self.raws, self.seed = reference.views, raws, seed
+
+    def __len__(self) -> int:
+        return len(self.raws)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import torchvision.transforms.functional as TF
+
+        pil = TF.to_pil_image(self.raws[i])
+        torch.manual_seed(self.seed + i)
+        return torch.stack([self.preprocess(self.base(pil))] + [self.preprocess(self.preaugment(pil)) for _ in range(self.views - 1)])
 
 
 def main() -> None:
@@ -155,6 +197,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--classes", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers making the reference's views (default 4, the official -j; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --quick, so that other load on the machine does not swamp the tiny model)")
     args = parser.parse_args()
     threads = args.threads or (1 if args.quick else None)
@@ -168,10 +211,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.quick:
         clip = CLIPBackbone(model_config=TINY_CLIP, random_init=True)
-        raw_size = (48, 48)
+        raw_size = (48, 64)
     else:
         clip = CLIPBackbone("ViT-B-16", random_init=True)
-        raw_size = (256, 256)
+        raw_size = (375, 500)
     clip = clip.to(device)
     names = [f"object {i}" for i in range(classes)]
     g = torch.Generator().manual_seed(args.seed)
@@ -179,7 +222,9 @@ def main() -> None:
     amp = torch.bfloat16 if device.type == "cuda" else None
 
     ours = OnlineAdapter(clip, [TPT(class_names=names, views=64, seed=args.seed)], class_names=names, steps=1, amp_dtype=amp)
-    reference = ReferenceTPT(clip, names, device)
+    reference = ReferenceTPT(clip, names, device, fp16=device.type == "cuda")
+    workers = args.workers if args.workers is not None else (2 if args.quick else 4)
+    loader = torch.utils.data.DataLoader(ViewDataset(reference, raws, args.seed), batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
 
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -191,32 +236,39 @@ def main() -> None:
         "steps": 1,
         "threads": torch.get_num_threads(),
         "ours_dtype": "bf16" if amp is not None else "fp32",
+        "reference_dtype": "fp16 autocast" if reference.fp16 else "fp32",
+        "reference_view_workers": workers,
+        "order": "interleaved",
     }
     times: dict[str, list[float]] = {"ours": [], "ref": []}
     probs: dict[str, list[torch.Tensor]] = {"ours": [], "ref": [], "ref_reseeded": []}
-    peaks: dict[str, float] = {}
-    for label in ("ours", "ref"):
+    peaks: dict[str, float] = {"ours": 0.0, "ref": 0.0}
+    views = iter(loader)
+
+    def run(label: str, i: int, raw: torch.Tensor) -> None:
         if device.type == "cuda":
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        for i, raw in enumerate(raws):
-            sync(device)
-            start = time.perf_counter()
-            if label == "ours":
-                prediction = ours.predict([raw.to(device)])[0]
-                if prediction.error is not None:
-                    raise RuntimeError(prediction.error)
-                p = prediction.probs
-                assert p is not None
-            else:
-                p = reference.sample(raw, args.seed + i)
-            sync(device)
-            if i == 0:
-                continue
-            times[label].append(time.perf_counter() - start)
-            probs[label].append(p)
+        sync(device)
+        start = time.perf_counter()
+        if label == "ours":
+            prediction = ours.predict([raw.to(device)])[0]
+            if prediction.error is not None:
+                raise RuntimeError(prediction.error)
+            p = prediction.probs
+            assert p is not None
+        else:
+            p = reference.adapt(next(views))
+        sync(device)
         if device.type == "cuda":
-            peaks[label] = torch.cuda.max_memory_allocated(device) / 2**20
+            peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated(device) / 2**20)
+        if i == 0:
+            return  # warm-up
+        times[label].append(time.perf_counter() - start)
+        probs[label].append(p)
+
+    for i, raw in enumerate(raws):  # alternate the sides, and which goes first
+        for label in (("ours", "ref") if i % 2 == 0 else ("ref", "ours")):
+            run(label, i, raw)
     # control: the reference again with other view seeds (untimed), to size what view randomness alone does
     probs["ref_reseeded"] = [reference.sample(raw, args.seed + 10_000 + i) for i, raw in enumerate(raws[1:], start=1)]
     zero_shot = [reference.zero_shot(raw) for raw in raws[1:]]
@@ -225,7 +277,7 @@ def main() -> None:
         results[f"{label}_seconds_per_sample"] = statistics.median(times[label])
         results[f"{label}_changed_from_zero_shot"] = sum(p != z for p, z in zip(preds[label], zero_shot)) / samples
         results[f"{label}_distinct_predictions"] = len(set(preds[label]))
-        if label in peaks:
+        if device.type == "cuda":
             results[f"{label}_peak_memory_mb"] = peaks[label]
     results["speedup"] = results["ref_seconds_per_sample"] / results["ours_seconds_per_sample"]
 
