@@ -4,7 +4,8 @@
 caches of test image features, filled online from CLIP's own zero-shot predictions (labels are
 never read), turn into logits that are added to (positive) and subtracted from (negative) the
 zero-shot logits. Definitions follow the official code (kdiAAA/TDA, ``tda_runner.py`` and
-``utils.py``), defaults its ImageNet config (``configs/imagenet.yaml``):
+``utils.py``), defaults its ImageNet config (``configs/imagenet.yaml``); ``preset`` selects
+another official config (:data:`PRESETS`: ImageNet, -A, -V2, -R, -Sketch):
 
 * **zero-shot side**: per image, unit image feature ``f``, logits ``s * f W^T`` with ``W`` the
   unit text classifier (``CLIPBackbone.zero_shot_weights``, by default the 7 Tip-Adapter

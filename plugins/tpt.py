@@ -1,7 +1,8 @@
 """Test-time Prompt Tuning (Shu et al., NeurIPS 2022) on a frozen CLIP.
 
-For every test image TPT builds 64 views (the image itself plus 63 random-resized-crop and
-horizontal-flip views for ImageNet-style sets, or AugMix views for fine-grained sets), keeps the
+For every test image TPT builds 64 views (the image itself, resized on its shorter side and
+centre-cropped as CLIP preprocesses it, plus 63 random-resized-crop and horizontal-flip views
+of the raw image for ImageNet-style sets, or AugMix views for fine-grained sets), keeps the
 10% of views whose predictions have the lowest entropy ("confidence selection"), and takes one
 AdamW step (lr 5e-3) on CoOp-style text context vectors (4 vectors initialised from "a photo
 of a") to minimise the entropy of the selected views' *averaged* probability. The prediction is
@@ -16,9 +17,11 @@ What differs from the official code, for speed and never for the maths:
   (the official code re-encodes the 64 views at every step);
 * text is encoded only up to the longest prompt's end-of-text token (exact, see
   ``engine/clip.py``);
-* views are made on the device in one batch from the already preprocessed image
-  (``roi_align`` crops with bilinear sampling), rather than by PIL on the CPU from the raw
-  image; bf16 autocast on CUDA.
+* views are cut on the device with torchvision from the raw image (``state.batch["raw"]``,
+  kept by the ImageNet test-time streams and by ``OnlineAdapter``), rather than by PIL in
+  DataLoader workers; AugMix's operations reproduce PIL's (see :func:`pil_affine`); every draw
+  comes from one seeded ``torch.Generator``; bf16 autocast on CUDA where the official code
+  runs fp16 autocast with a GradScaler.
 
 This module also holds what the other CLIP test-time strategies share: the CLIP backbone
 lookup, view generation, the official ``avg_entropy`` and confidence selection, and
