@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import tempfile
 import threading
@@ -120,13 +121,24 @@ def load(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     except OSError as exc:
         raise CheckpointError(f"Checkpoint '{path}' cannot be read ({exc.strerror or condense(str(exc))}); check the file's permissions.") from exc
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(exc).__name__}: {condense(str(exc), 160)}); it was not written by driftprompt or is damaged.") from exc
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({_cause(exc)}); it was not written by driftprompt or is damaged.") from exc
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"Checkpoint '{path}' has an unknown format; resume it with the driftprompt version that wrote it.")
     missing = [k for k in required if k not in payload]
     if missing:
         raise CheckpointError(f"Checkpoint '{path}' lacks {', '.join(repr(k) for k in missing)}; it is damaged or from another driftprompt version, so start the run again.")
     return payload
+
+
+def _cause(exc: BaseException) -> str:
+    """The informative part of PyTorch's multi-line loading errors, in a few words."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, flags=re.S)
+    if found:
+        cause = " ".join(found.group(1).split())
+        cause = re.split(r"\. (?=Please|Check)", cause)[0]
+        return condense(cause, 160)
+    return f"{type(exc).__name__}: {condense(text, 160)}"
 
 
 def rng_state() -> dict[str, Any]:

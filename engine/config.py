@@ -269,6 +269,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     never need one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config file '{path}' is a folder; pass the path of a YAML file (see configs/).")
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist; pass the path of a YAML file (see configs/).")
     try:

@@ -66,7 +66,9 @@ def describe_os_error(exc: OSError) -> str:
 
     code = _errno.errorcode.get(exc.errno or 0, "")
     cause = exc.strerror or condense(str(exc)) or type(exc).__name__
-    where = f" '{exc.filename}'" if exc.filename is not None else ""
+    if exc.filename is None:
+        return f"An input or output operation failed ({type(exc).__name__}: {cause}); check the data files and the output folder."
+    where = f" '{exc.filename}'"
     if exc.filename2 is not None:
         where += f" -> '{exc.filename2}'"
     hint = _OS_HINTS.get(code, "check the path and try again")
@@ -76,7 +78,8 @@ def describe_os_error(exc: OSError) -> str:
 def describe(exc: BaseException) -> str:
     """The one sentence that the CLI prints (and a failed run records) for any exception."""
     if isinstance(exc, DriftpromptError):
-        return condense(str(exc), limit=2000) + ("" if str(exc).rstrip().endswith((".", "?", "!")) else ".")
+        text = condense(str(exc), limit=2000)
+        return text if text.endswith(("?", "!")) else text + "."
     if isinstance(exc, OSError):
         return describe_os_error(exc)
     if isinstance(exc, KeyboardInterrupt):

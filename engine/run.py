@@ -445,7 +445,7 @@ def resume(run_dir: str | Path, registry: Registry | None = None) -> Run:
     path = Path(run_dir)
     if not path.is_dir() or not (path / "config.yaml").is_file():
         raise CheckpointError(f"'{path}' is not a run directory (no config.yaml); pass the folder a previous run wrote.")
-    if (path / LOCK_NAME).exists():  # a run in progress there: say so before anything else
+    if (path / LOCK_NAME).exists() and os.environ.get("RANK", "0") == "0":  # a run in progress there: say so first
         probe = RunDirLock(path)
         probe.acquire(record_pid=False)
         probe.release()

@@ -407,3 +407,25 @@ def test_adapt_with_a_head_that_was_never_trained_is_refused(tmp_path, capsys):
     assert main(["adapt", str(path), "--run-dir", str(tmp_path / "run"), "-q"]) == 2
     assert "head_checkpoint" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_test_time_stream_is_refused_by_the_continual_loop(make_config):
+    from driftprompt.engine.run import check_mode
+
+    class TestTimeLike:
+        def batches(self, batch_size): ...
+
+    with pytest.raises(ConfigError, match="test-time stream .*driftprompt adapt"):
+        check_mode("fit", make_config(), [], None, TestTimeLike())
+
+
+def test_an_unreadable_checkpoint_is_condensed_to_its_cause(tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"x": np.int64(3)}, buffer)
+    (tmp_path / "checkpoint.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError) as info:
+        load(tmp_path / "checkpoint.pt")
+    message = str(info.value)
+    assert "\n" not in message and "Unsupported global" in message and "PyTorch 2.6" not in message
