@@ -162,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python launch.py`` and ``driftprompt``; returns the exit status.
 
     Every failure ends in one line on stderr, ``error: <sentence>``, and a nonzero status:
-    2 for errors a user can fix (config, plugins, data, checkpoints, files), 1 for an
-    unexpected exception (named, with its plugin and event when a strategy raised it),
+    2 for errors a user can fix (config, plugins, data, checkpoints, files; an exception
+    inside a strategy is named with the strategy and the event), 1 for any other exception,
     130 after SIGINT and 143 after SIGTERM (both finish the checkpoint being written and
     print the resume command). ``--debug`` or ``DRIFTPROMPT_DEBUG=1`` adds the traceback.
     """
