@@ -60,18 +60,23 @@ _OS_HINTS = {
 }
 
 
-def describe_os_error(exc: OSError) -> str:
-    """``OSError`` as one sentence naming the path, the cause and what to do."""
+def os_cause(exc: OSError) -> tuple[str, str]:
+    """``(cause, what to do)`` for an ``OSError``, from its errno."""
     import errno as _errno
 
     code = _errno.errorcode.get(exc.errno or 0, "")
     cause = exc.strerror or condense(str(exc)) or type(exc).__name__
+    return cause, _OS_HINTS.get(code, "check the path and try again")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``OSError`` as one sentence naming the path, the cause and what to do."""
+    cause, hint = os_cause(exc)
     if exc.filename is None:
         return f"An input or output operation failed ({type(exc).__name__}: {cause}); check the data files and the output folder."
     where = f" '{exc.filename}'"
     if exc.filename2 is not None:
         where += f" -> '{exc.filename2}'"
-    hint = _OS_HINTS.get(code, "check the path and try again")
     return f"Cannot use{where}: {cause}; {hint}."
 
 

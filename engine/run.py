@@ -16,7 +16,7 @@ from torch import nn
 from .backbones import ViTBackbone
 from .checkpoint import CHECKPOINT_NAME, REQUIRED_KEYS, load
 from .config import SAFE_TO_CHANGE, RunConfig, changed_keys, dump_config, load_config
-from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError, RunFinished, RunInterrupted, StreamError, condense, describe, describe_os_error
+from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError, RunFinished, RunInterrupted, StreamError, condense, describe, describe_os_error, os_cause
 from .loggers import JSONL_NAME, RunLogger
 from .loop import ContinualLoop, EngineDefaults, TestTimeLoop
 from .plugins import Hooks, Registry, discover, instantiate
@@ -151,12 +151,12 @@ def open_run_dir(path: Path, resume: bool) -> RunDirLock:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"Run directory '{path}' cannot be created: {describe_os_error(exc)}") from None
+            raise ConfigError(f"Run directory '{path}' cannot be created ({os_cause(exc)[0]} at '{exc.filename or path}'); {os_cause(exc)[1]}.") from None
         if lock._handle is None:
             try:
                 lock.acquire()
             except OSError as exc:
-                raise ConfigError(f"Run directory '{path}' cannot be locked: {describe_os_error(exc)}") from None
+                raise ConfigError(f"Run directory '{path}' cannot be locked ({os_cause(exc)[0]} at '{exc.filename or path}'); {os_cause(exc)[1]}.") from None
             if not resume:
                 _refuse_used_dir(path)  # another process may have started there before we locked it
     except BaseException:
