@@ -186,21 +186,25 @@ def test_every_steps_checkpoint_resumes_to_the_identical_result(tmp_path, make_c
     train = {"epochs": 2, "batch_size": 4, "reset_optimizer": False, "scheduler": "cosine", "optimizer": {"name": "adam", "lr": 0.01}}
 
     def config(at_step: int):
-        return make_config(strategies=["finetune", "grow", {"name": "stop", "at_step": at_step}], stream=stream, train=train, checkpoint={"every_steps": 3})
+        return make_config(strategies=["finetune", "grow", {"name": "stop", "at_step": at_step}], stream=stream, train=train, checkpoint={"every_steps": 13})
 
     with build(config(-1), run_dir=tmp_path / "full", registry=registry) as run:
         full = run.fit()
         full_head = run.state.head.weight.detach().clone()
-    # experience 1 runs steps 9..16 (4 batches x 2 epochs); the checkpoint at step 15 is in its second epoch
+        full_prompts = [p.detach().clone() for p in dict(run.strategies)["grow"].prompts]
+    # experience 1 runs steps 9..16 (4 batches x 2 epochs); the checkpoint at step 13 is in its
+    # second epoch, and three steps follow it
     with pytest.raises(KeyboardInterrupt):
-        with build(config(15), run_dir=tmp_path / "cut", registry=registry) as run:
+        with build(config(14), run_dir=tmp_path / "cut", registry=registry) as run:
             run.fit()
     payload = load(tmp_path / "cut" / "checkpoint.pt")
-    assert payload["position"] == {**payload["position"], "epoch": 1, "batch": 3} and payload["step"] == 15 and payload["next_experience"] == 1
+    assert payload["position"] == {**payload["position"], "epoch": 1, "batch": 1} and payload["step"] == 13 and payload["next_experience"] == 1
     with resume(tmp_path / "cut", registry=registry) as run:
         dict(run.strategies)["stop"].at_step = -1
         resumed = run.fit()
         torch.testing.assert_close(run.state.head.weight, full_head, rtol=0, atol=0)
+        for mine, theirs in zip(dict(run.strategies)["grow"].prompts, full_prompts, strict=True):
+            torch.testing.assert_close(mine.detach(), theirs, rtol=0, atol=0)
     assert resumed["accuracy"] == full["accuracy"]
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "finished"
     train_records = [(r["experience"], r["epoch"]) for r in read_jsonl(tmp_path / "cut", "train")]
