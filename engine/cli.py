@@ -59,8 +59,16 @@ def demo_config(strategy: str) -> dict[str, Any]:
     }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message[0].upper() + message[1:]}; see driftprompt --help.", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="driftprompt", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="driftprompt", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", metavar="CONFIG|plugins [key=value ...]", help="a YAML config, or 'plugins', followed by overrides")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
     parser.add_argument("--run-dir", metavar="DIR", help="where to write this run (default runs/<name>-<time>)")
@@ -201,10 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted by {what}: {hint}", file=sys.stderr)
         return 143 if isinstance(exc, RunInterrupted) else 130
     except BaseException as exc:  # noqa: BLE001 - the last line of defence: one sentence, never a traceback
-        if isinstance(exc, SystemExit):
-            raise
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
+        if isinstance(exc, SystemExit):  # argparse exits before this block: this came from a plugin
+            print(f"error: Something called sys.exit({exc.code!r}) in the middle of the command; a plugin must raise an exception instead (--debug shows where).", file=sys.stderr)
+            return 1
         print(f"error: {describe(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, (DriftpromptError, OSError)) else 1
     finally:

@@ -111,7 +111,7 @@ def _import_local(spec: str) -> ModuleType:
             module_spec.loader.exec_module(module)
         except BaseException as exc:
             sys.modules.pop(mod_name, None)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, KeyboardInterrupt):
                 raise
             raise PluginError(_import_failure(spec, exc)) from exc
         return module
