@@ -91,9 +91,10 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFE
 
 
 def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line (tarfile and torch write several)."""
-    lines = [line.strip(" -:") for line in str(exc).splitlines() if line.strip(" -:")]
-    return f"{type(exc).__name__}: {lines[0] if lines else 'no details'}"
+    """An exception's cause in one clause (tarfile and torch write several lines and advice)."""
+    lines = [line.strip(" -:\t") for line in str(exc).splitlines() if line.strip(" -:\t")]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else "no details"
+    return f"{type(exc).__name__}: {first}"
 
 
 @dataclass
