@@ -37,7 +37,10 @@ def load_error_cause(exc: BaseException) -> str:
     found = re.search(r"WeightsUnpickler error: *(.*)", text)
     if found:
         text = found.group(1)
-    first = next((line.strip(" -\t") for line in text.splitlines() if line.strip(" -\t")), "")
+    lines = [line.strip(" -\t") for line in text.splitlines() if line.strip(" -\t")]
+    first = lines[0] if lines else ""
+    if first.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for X:" then the cause
+        first = lines[1]
     first = first.split(". ")[0].rstrip(".:")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
