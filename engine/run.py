@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -84,7 +85,8 @@ def is_run_dir(path: Path) -> bool:
 class RunDirLock:
     """An exclusive ``flock`` on ``RUN_DIR/.driftprompt.lock``, held until :meth:`release` or
     the process ends (the kernel drops it even after ``kill -9``), so that two processes never
-    write one run directory. The lock file holds the owner's pid, for the error message."""
+    write one run directory. The lock file holds the owner's pid, for the error message, and
+    is removed on release; one left by a killed process holds no lock and is taken over."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -103,6 +105,13 @@ class RunDirLock:
             owner = handle.read().strip() or "?"
             handle.close()
             raise ConfigError(f"Run directory '{self.path}' is in use by another driftprompt process (pid {owner}); wait for it to end, or choose another run_dir.") from None
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(self.path / LOCK_NAME).st_ino
+        except OSError:
+            same = False
+        if not same:  # the owner removed the file while we waited on it: someone else may hold a new one
+            handle.close()
+            raise ConfigError(f"Run directory '{self.path}' was just taken by another driftprompt process; wait for it to end, or choose another run_dir.")
         if record_pid:
             handle.seek(0)
             handle.truncate()
@@ -110,8 +119,13 @@ class RunDirLock:
             handle.flush()
         self._handle = handle
 
-    def release(self) -> None:
+    def release(self, remove: bool = True) -> None:
+        """Drop the lock; the lock file goes too (while still locked, so no one can be
+        holding it), unless ``remove`` is false."""
         if self._handle is not None:
+            if remove:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / LOCK_NAME)
             self._handle.close()  # closing the file drops the flock
             self._handle = None
 
@@ -448,7 +462,7 @@ def resume(run_dir: str | Path, registry: Registry | None = None) -> Run:
     if (path / LOCK_NAME).exists() and os.environ.get("RANK", "0") == "0":  # a run in progress there: say so first
         probe = RunDirLock(path)
         probe.acquire(record_pid=False)
-        probe.release()
+        probe.release(remove=False)
     payload = load(path / CHECKPOINT_NAME, REQUIRED_KEYS)
     summary = read_summary(path)
     if payload["next_experience"] >= payload["num_experiences"] and payload.get("position") is None and summary is not None and summary.get("status") == "finished":
