@@ -235,7 +235,8 @@ class _Loop:
         guard = getattr(self, "_guard", None)
         if guard is None:
             return 0
-        return guard.check(self.state, self.hooks, nonfinite_mode(self.state), reset)
+        # the test-time loop's processes adapt independently: no collective there
+        return guard.check(self.state, self.hooks, nonfinite_mode(self.state), reset, reduce=self.sync_gradients)
 
     def _allowed(self, classes: list[int]) -> torch.Tensor | None:
         """Mask of the classes predictions may take; ``None`` when that is every class.
@@ -763,7 +764,7 @@ def cross_entropy(state: State) -> torch.Tensor:
     logits = state.logits
     if state.training and logits.dim() == 2 and state.targets.dim() == 1 and not state.targets.is_floating_point():
         target_logit = logits.detach().gather(1, state.targets.clamp(0, logits.shape[1] - 1)[:, None])
-        masked = (target_logit == torch.finfo(logits.dtype).min).any()
+        masked = (target_logit.float() <= -HUGE_LOSS).any()  # a dtype's minimum, whichever dtype masked it
         prev = state.plugin_state.get(MASKED_TARGET_KEY)
         state.plugin_state[MASKED_TARGET_KEY] = masked if prev is None else prev | masked
     return F.cross_entropy(logits.float(), state.targets)
@@ -821,10 +822,14 @@ class NonFiniteGuard:
         self.count += 1
         return bad
 
-    def check(self, state: State, hooks: Hooks, mode: str, reset: bool = True) -> int:
-        """Read the record: raise in ``stop`` mode, else return the bad steps since the last reset."""
+    def check(self, state: State, hooks: Hooks, mode: str, reset: bool = True, reduce: bool = True) -> int:
+        """Read the record: raise in ``stop`` mode, else return the bad steps since the last reset.
+
+        With ``reduce``, the count is summed over processes first, so that every process of a
+        data-parallel run stops (or counts) together.
+        """
         names = list(self.first)
-        bad_anywhere = state.dist.all_reduce_(self.bad_steps.clone(), "the non-finite check")
+        bad_anywhere = state.dist.all_reduce_(self.bad_steps.clone(), "the non-finite check") if reduce else self.bad_steps
         count, bad_total, *firsts = torch.stack([self.count, bad_anywhere, *(self.first[n] for n in names)]).tolist()
         found = {n: self.offset + v for n, v in zip(names, firsts) if v >= 0}
         if reset:
