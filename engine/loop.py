@@ -61,6 +61,11 @@ def mask_to_current_experience(state: State) -> None:
 
     The train-time class mask of L2P and DualPrompt: old classes receive no gradient from the
     new experience's data, which removes the bias toward new classes.
+
+    A strategy that adds samples of other classes to the batch (replay) lists their labels in
+    ``state.batch["replay_classes"]`` (a long tensor of class ids, on any device): those
+    classes stay unmasked too, so the mask allows every class present in the batch and a
+    replayed sample's target never meets a masked logit.
     """
     if state.phase != "train" or state.experience is None or state.logits is None:
         return
@@ -70,7 +75,13 @@ def mask_to_current_experience(state: State) -> None:
         allowed = torch.zeros(state.num_classes, dtype=torch.bool, device=state.device)
         allowed[torch.as_tensor(state.experience.classes, device=state.device)] = True
         cached = state.plugin_state["engine.current_class_mask"] = (state.experience.index, allowed)
-    state.logits = mask_logits(state.logits, cached[1])
+    allowed = cached[1]
+    extra = state.batch.get("replay_classes") if isinstance(state.batch, dict) else None
+    if extra is not None and len(extra):
+        # indexing on the device: no host sync per batch
+        allowed = allowed.clone()
+        allowed[torch.as_tensor(extra).to(allowed.device, torch.long)] = True
+    state.logits = mask_logits(state.logits, allowed)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
