@@ -57,10 +57,19 @@ def to_uint8_nchw(images: Any, channels_last: bool | None = None) -> torch.Tenso
     """Convert an array of images to a uint8 (N, 3, H, W) tensor.
 
     Accepts numpy arrays or tensors shaped (N, H, W) (grey), (N, H, W, C) or (N, C, H, W)
-    with C in {1, 3}; floats are taken to lie in [0, 1]. ``channels_last`` is inferred from
-    the shape when ``None``.
+    with C in {1, 3}; floats are taken to lie in [0, 1]. Integer images wider than 8 bits
+    (16-bit scans, for instance) are shifted down to 8 bits when a value exceeds 255, never
+    clipped. ``channels_last`` is inferred from the shape when ``None``.
     """
-    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if not isinstance(images, torch.Tensor):
+        arr = np.asarray(images)
+        if arr.dtype.kind in "ui" and arr.dtype != np.uint8:
+            arr = arr.astype(np.int64)  # torch supports few operations on uint16/uint32
+        x = torch.as_tensor(arr)
+    else:
+        x = images
+    if x.dtype not in (torch.uint8, torch.bool) and not x.is_floating_point() and not x.is_complex():
+        x = _integer_to_uint8(x.to(torch.int64))
     if x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dim() != 4:
@@ -79,6 +88,19 @@ def to_uint8_nchw(images: Any, channels_last: bool | None = None) -> torch.Tenso
             raise StreamError("Float images must lie in [0, 1]; divide 0-255 data by 255 or pass it as uint8.")
         x = x.mul(255).round().clamp(0, 255).to(torch.uint8)
     return x.contiguous()
+
+
+def _integer_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """8-bit values of integer images: as they are up to 255, else shifted by the bits they use."""
+    if x.numel() == 0:
+        return x.to(torch.uint8)
+    low, top = int(x.min()), int(x.max())
+    if low < 0:
+        raise StreamError(f"Integer images hold negative values (minimum {low}); give unsigned pixel values (0-255, or 0-65535 for 16-bit images).")
+    bits = max(8, top.bit_length())
+    if bits > 32:
+        raise StreamError(f"Integer images hold values up to {top}, more than 32 bits; give 8- or 16-bit pixel values.")
+    return (x >> (bits - 8) if bits > 8 else x).to(torch.uint8)
 
 
 def from_arrays(images: Any, targets: Sequence[int] | np.ndarray | torch.Tensor) -> TensorImageDataset:

@@ -122,3 +122,12 @@ def test_flat_folder_is_split_per_class_in_memory_or_lazily(tmp_path, in_memory)
     assert len(train_ids) == 16 and sum(len(e.test) for e in stream) == 4  # round(0.2 * 5) = 1 per class
     images, _, _ = next(iterate(stream[0].test, 4))
     assert images.shape[1:] == (3, 8, 8)
+
+
+def test_16_bit_arrays_are_shifted_to_8_bits_not_refused_or_clipped():
+    images = np.stack([np.full((4, 4), v, dtype=np.uint16) for v in (0x1000, 0xFF00)])
+    ds = from_arrays(images, [0, 1])
+    assert ds.images.dtype == torch.uint8 and ds.images[:, 0, 0, 0].tolist() == [0x10, 0xFF]
+    assert from_arrays(np.full((1, 4, 4), 200, dtype=np.int32), [0]).images.unique().tolist() == [200]
+    with pytest.raises(StreamError, match="negative"):
+        from_arrays(np.full((1, 4, 4), -1, dtype=np.int16), [0])
