@@ -323,10 +323,13 @@ class Hooks:
         except DriftpromptError as exc:
             # a user error detected by a plugin keeps its type (and its one sentence), named
             who = self._culprit(exc.__traceback__)
+            if who == "engine":
+                raise  # the engine's own sentence needs no attribution
             raise type(exc)(f"Strategy '{who}' stopped at '{hook}': {exc}") from exc
         except Exception as exc:
             who = self._culprit(exc.__traceback__)
-            err = PluginError(f"Strategy '{who}' failed while handling '{hook}': {type(exc).__name__}: {condense(str(exc))}")
+            subject = "The engine" if who == "engine" else f"Strategy '{who}'"
+            err = PluginError(f"{subject} failed while handling '{hook}': {type(exc).__name__}: {condense(str(exc))}")
             err.plugin, err.event = who, hook  # type: ignore[attr-defined]
             raise err from exc
 

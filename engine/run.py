@@ -238,11 +238,13 @@ def check_mode(mode: str | None, config: RunConfig, strategies: list[tuple[str, 
         if stream is not None and (hasattr(stream, "batches") or getattr(stream, "scenario", "") == "test_time"):
             raise ConfigError(f"Stream '{config.stream.name}' is a test-time stream with nothing to train on; run this config with 'driftprompt adapt CONFIG', or pick a continual stream.")
     elif mode == "adapt" and not config.test_time.head_checkpoint:
-        if not any(_has_own_forward(plugin, hooks) for _, plugin in strategies):
+        # Nothing was trained in this run: only a test-time strategy with its own classifier
+        # (a zero-shot CLIP model: tpt, tda, dynaprompt) has something meaningful to predict with.
+        if not any(_has_own_forward(plugin, hooks) and is_test_time_only(plugin, hooks) for _, plugin in strategies):
             names = ", ".join(f"'{n}'" for n, _ in strategies) or "none"
             raise ConfigError(
-                f"'adapt' would classify with a head that was never trained: the strategies ({names}) use the run's head and test_time.head_checkpoint is not set; "
-                "set it to a trained run's checkpoint.pt, or use a strategy with its own classifier (tpt, tda, dynaprompt on a CLIP backbone)."
+                f"'adapt' would report the accuracy of a classifier that was never trained: the strategies ({names}) need a trained head or trained statistics, and test_time.head_checkpoint is not set; "
+                "set it to a trained run's checkpoint.pt, or use a zero-shot test-time strategy (tpt, tda, dynaprompt)."
             )
 
 

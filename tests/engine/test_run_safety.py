@@ -406,11 +406,20 @@ def test_a_test_time_strategy_without_adapt_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_adapt_with_a_head_that_was_never_trained_is_refused(tmp_path, capsys):
-    path = _write(tmp_path / "c.yaml", tiny_config(strategies=[{"name": "vpt_tta", "prompt_length": 2}]))
+@pytest.mark.parametrize("strategy", [{"name": "vpt_tta", "prompt_length": 2}, "ncm"], ids=["vpt_tta", "ncm"])
+def test_adapt_with_a_classifier_that_was_never_trained_is_refused(tmp_path, capsys, strategy):
+    path = _write(tmp_path / "c.yaml", tiny_config(strategies=[strategy]))
     assert main(["adapt", str(path), "--run-dir", str(tmp_path / "run"), "-q"]) == 2
-    assert "head_checkpoint" in _one_error_line(capsys.readouterr().err)
+    assert "never trained" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_adapt_with_a_trained_head_runs(tmp_path, capsys, make_config):
+    with build(make_config(), run_dir=tmp_path / "trained") as run:
+        run.fit()
+    cfg = tiny_config(strategies=[{"name": "vpt_tta", "prompt_length": 2}], test_time={"steps": 1, "batch_size": 1, "head_checkpoint": str(tmp_path / "trained" / "checkpoint.pt")})
+    assert main(["adapt", str(_write(tmp_path / "c.yaml", cfg)), "--run-dir", str(tmp_path / "run"), "-q"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
 
 
 def test_a_test_time_stream_is_refused_by_the_continual_loop(make_config):
