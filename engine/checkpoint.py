@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import CheckpointError, condense
+from .errors import CheckpointError, condense, naming
 
 FORMAT_VERSION = 2  # 2: config record, metrics offset, mid-experience position
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -87,7 +87,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             "return tensors, numbers, strings, lists and dicts from state_dict()."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    with signals_deferred():
+    with signals_deferred(), naming(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -166,6 +166,14 @@ class StrategySpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class QueryCacheConfig(_Strict):
+    """The exact cache of frozen query features by sample (``engine/query_cache.py``)."""
+
+    enabled: bool = Field(True, description="reuse the frozen [CLS] query of an image already seen in an identical evaluation batch")
+    max_mb: float = Field(1024.0, ge=0, description="memory bound in MiB on the device that computed the queries; least recently used entries are evicted beyond it")
+    train: bool = Field(False, description="also cache training batches by sample; exact only up to last-bit rounding, since batch composition changes the sums")
+
+
 class RunConfig(_Strict):
     """Everything one run needs; the resolved copy is saved as ``config.yaml`` in the run dir."""
 
@@ -185,6 +193,7 @@ class RunConfig(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    query_cache: QueryCacheConfig = Field(default_factory=QueryCacheConfig)
 
     @field_validator("name")
     @classmethod
@@ -354,7 +363,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def dump_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved configuration as YAML (key order kept)."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    from .errors import naming
+
+    with naming(path):
+        Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 # --- fingerprints for --resume -------------------------------------------------------------

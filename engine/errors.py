@@ -98,3 +98,23 @@ def describe(exc: BaseException) -> str:
 
 class RunFinished(DriftpromptError):
     """``--resume`` of a run that already finished: nothing is changed on disk."""
+
+
+class naming:  # noqa: N801 - used as a context manager, like contextlib's helpers
+    """Give an ``OSError`` raised inside the block the path it concerns, when it has none
+    (``write()`` on a full disk says only "No space left on device")."""
+
+    def __init__(self, path: object) -> None:
+        self.path = str(path)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, OSError) and exc.filename is None:
+            try:
+                renamed = type(exc)(exc.errno, exc.strerror or str(exc), self.path)
+            except Exception:  # noqa: BLE001 - an OSError subclass with another constructor
+                return False
+            raise renamed from exc
+        return False

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .errors import naming
+
 __all__ = [
     "RunLogger",
     "format_accuracy_matrix",
@@ -420,8 +422,9 @@ class RunLogger:
         if self._file is None:
             return
         line = json.dumps(_to_jsonable(record), ensure_ascii=False, allow_nan=False)
-        self._file.write(line + "\n")
-        self._sync()
+        with naming(self.jsonl_path):
+            self._file.write(line + "\n")
+            self._sync()
 
     # -- public API --------------------------------------------------------
 

@@ -17,7 +17,7 @@ from torch import nn
 from .backbones import ViTBackbone
 from .checkpoint import CHECKPOINT_NAME, REQUIRED_KEYS, load
 from .config import SAFE_TO_CHANGE, RunConfig, changed_keys, dump_config, load_config
-from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError, RunFinished, RunInterrupted, StreamError, condense, describe, describe_os_error, os_cause
+from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError, RunFinished, RunInterrupted, StreamError, condense, describe, describe_os_error, naming, os_cause
 from .loggers import JSONL_NAME, RunLogger
 from .loop import ContinualLoop, EngineDefaults, TestTimeLoop
 from .plugins import Hooks, Registry, discover, instantiate
@@ -183,7 +183,7 @@ def write_summary(run_dir: Path, data: dict[str, Any]) -> None:
     """Write ``summary.json`` atomically (temporary file, fsync, rename)."""
     tmp = run_dir / f".{SUMMARY_NAME}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with naming(tmp), open(tmp, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(data, indent=2, default=str))
             handle.flush()
             os.fsync(handle.fileno())

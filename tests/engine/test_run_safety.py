@@ -312,7 +312,7 @@ def test_a_misspelt_hook_creates_no_run_directory(tmp_path, make_config):
 
 def test_a_full_disk_is_one_sentence_and_the_run_is_marked(tmp_path, capsys, monkeypatch):
     def no_space(obj, handle, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoint.pt"))
+        raise OSError(errno.ENOSPC, "No space left on device")  # write() names no file
 
     monkeypatch.setattr(torch, "save", no_space)
     cfg = _write(tmp_path / "c.yaml", tiny_config())
@@ -321,6 +321,24 @@ def test_a_full_disk_is_one_sentence_and_the_run_is_marked(tmp_path, capsys, mon
     assert "No space left on device" in line and "checkpoint.pt" in line
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
     assert not list((tmp_path / "run").glob(".checkpoint.pt.*"))
+
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path, capsys, monkeypatch):
+    from driftprompt.engine import loggers
+
+    real, calls = loggers.RunLogger._sync, []
+
+    def no_space(self):
+        calls.append(1)
+        if len(calls) == 2:  # the second record: fsync finds the disk full, and names no file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(loggers.RunLogger, "_sync", no_space)
+    cfg = _write(tmp_path / "c.yaml", tiny_config())
+    assert main([str(cfg), "--run-dir", str(tmp_path / "run"), "-q"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "metrics.jsonl" in line and "No space left" in line and "--resume" in line
 
 
 def test_a_read_only_output_directory_is_one_sentence(tmp_path, capsys, monkeypatch):
