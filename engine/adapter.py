@@ -16,6 +16,14 @@ shorter side to the model's resolution, bicubic, centre crop), and at full resol
 batch extras, ``state.batch["raw"]`` (a list with the one (3, H, W) image), so that strategies
 that make views (TPT, DynaPrompt, TDA) cut them from the raw image as the official code does.
 
+With ``batch_size > 1`` and strategies that adapt samples independently (each declares
+``independent_samples``, as ``tpt`` does with ``episodic``), the valid images of a call are
+adapted ``batch_size`` at a time in one step of the loop, each with its own prompt: the
+results equal one at a time within fp32 rounding, the work is batched. Sizes may still differ:
+each image is cut to the backbone's square on its own (the loop's preprocessing then only
+normalises it), and the raw images travel as a list. A batch that raises is run again one
+image at a time, so one bad image still fails alone.
+
 A lock serialises adaptation, so several threads (request handlers, a queue worker pool) may
 share one adapter; predictions are made in arrival order of the lock.
 """
@@ -73,6 +81,9 @@ def check_image(image: Any) -> str | None:
     return None
 
 
+NOT_FINITE = "the logits or probabilities are not finite (are the pixel values in 0-1 for float or 0-255 for uint8?)"
+
+
 def _items(images: Any) -> list[Any] | None:
     """The images of a (B, 3, H, W) tensor, a (3, H, W) tensor or a sequence; ``None`` if neither."""
     if isinstance(images, torch.Tensor):
@@ -99,6 +110,9 @@ class OnlineAdapter:
         reset_optimizer: fresh optimizer moments for every image.
         device: where the model runs (default: the backbone's device).
         amp_dtype: autocast dtype (``torch.bfloat16`` on CUDA), ``None`` for fp32.
+        batch_size: images adapted together in one step when every strategy adapts samples
+            independently and the optimizer is reset per image (1: one at a time). Memory
+            grows with it (``tpt`` encodes batch x classes prompts; its ``chunk_size`` bounds that).
     """
 
     def __init__(
@@ -113,6 +127,7 @@ class OnlineAdapter:
         reset_optimizer: bool = True,
         device: torch.device | str | None = None,
         amp_dtype: torch.dtype | None = None,
+        batch_size: int = 1,
     ) -> None:
         if device is None:
             device = next(iter(backbone.buffers()), next(iter(backbone.parameters()))).device
@@ -121,6 +136,9 @@ class OnlineAdapter:
             num_classes = getattr(head, "out_features", None) or (len(class_names) if class_names else None)
         if not num_classes:
             raise ValueError("OnlineAdapter needs num_classes, a head with out_features, or class_names.")
+        if int(batch_size) < 1:
+            raise ValueError("OnlineAdapter batch_size must be >= 1.")
+        self.batch_size = int(batch_size)
         named = [s if isinstance(s, tuple) else (getattr(s, "name", type(s).__name__.lower()), s) for s in strategies]
         self.state = State(backbone=backbone.to(device), head=head.to(device) if head is not None else None, device=device, amp_dtype=amp_dtype)
         self.state.num_classes = int(num_classes)
@@ -144,32 +162,86 @@ class OnlineAdapter:
         items = _items(images)
         if items is None:
             return [Prediction(error=f"expected a (B, 3, H, W) tensor or a list of (3, H, W) image tensors, got {type(images).__name__}")]
-        results: list[Prediction] = []
-        for image in items:
+        results: list[Prediction | None] = [None] * len(items)
+        valid = []
+        for i, image in enumerate(items):
             problem = check_image(image)
-            if problem is not None:
-                results.append(Prediction(error=problem))
-                continue
-            with self.lock:
-                saved = self._snapshot()
-                try:
-                    image = image.to(self.state.device)
-                    extras = {"index": torch.tensor([self.seen]), "raw": [image]}
-                    self.loop.run([(image.unsqueeze(0), None, extras)], total=1)
-                    logits = self.state.logits
-                    assert logits is not None
-                    logits = logits.detach().float()[0]
-                    probs = logits.softmax(dim=-1)
-                    if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(probs).all())):
-                        raise FloatingPointError("the logits or probabilities are not finite (are the pixel values in 0-1 for float or 0-255 for uint8?)")
-                    results.append(Prediction(probs=probs.cpu()))
-                except Exception as exc:  # noqa: BLE001 - one image's failure must not fail the batch
-                    self.state.optimizer = None
-                    self._restore(saved)
-                    results.append(Prediction(error=f"{type(exc).__name__}: {exc}"))
-                finally:
-                    self.seen += 1
-        return results
+            if problem is None:
+                valid.append(i)
+            else:
+                results[i] = Prediction(error=problem)
+        step = self.batch_size if self.batches_samples() else 1
+        for start in range(0, len(valid), step):
+            chunk = valid[start : start + step]
+            if len(chunk) > 1:
+                done = self._predict_batch([items[i] for i in chunk])
+                if done is not None:
+                    for i, p in zip(chunk, done):
+                        results[i] = p
+                    continue
+            for i in chunk:  # one at a time, also when a batch raised
+                results[i] = self._predict_one(items[i])
+        return [p if p is not None else Prediction(error="not classified") for p in results]
+
+    def batches_samples(self) -> bool:
+        """Whether several images adapt in one step: ``batch_size > 1``, every strategy's
+        samples independent, and a fresh optimizer per image (else samples would share moments)."""
+        return self.batch_size > 1 and self.loop.reset_optimizer and all(getattr(p, "independent_samples", False) for _, p in self.strategies)
+
+    def _predict_one(self, image: torch.Tensor) -> Prediction:
+        with self.lock:
+            saved = self._snapshot()
+            try:
+                image = image.to(self.state.device)
+                extras = {"index": torch.tensor([self.seen]), "raw": [image]}
+                self.loop.run([(image.unsqueeze(0), None, extras)], total=1)
+                logits = self.state.logits
+                assert logits is not None
+                logits = logits.detach().float()[0]
+                probs = logits.softmax(dim=-1)
+                if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(probs).all())):
+                    raise FloatingPointError(NOT_FINITE)
+                return Prediction(probs=probs.cpu())
+            except Exception as exc:  # noqa: BLE001 - one image's failure must not fail the batch
+                self.state.optimizer = None
+                self._restore(saved)
+                return Prediction(error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self.seen += 1
+
+    def _square(self, image: torch.Tensor) -> torch.Tensor:
+        """The backbone's square cut of one image, as 0-1 pixels (1, 3, S, S): the loop only normalises it."""
+        backbone = self.state.backbone
+        return (backbone.preprocess(image.unsqueeze(0)) * backbone.std + backbone.mean).clamp_(0, 1)
+
+    def _predict_batch(self, images: list[torch.Tensor]) -> list[Prediction] | None:
+        """Adapt ``images`` in one step; ``None`` when the step raised (then nothing is kept)."""
+        with self.lock:
+            saved = self._snapshot()
+            generators = self._generators()
+            try:
+                raw = [image.to(self.state.device) for image in images]
+                squares = torch.cat([self._square(image) for image in raw])
+                extras = {"index": torch.arange(self.seen, self.seen + len(raw)), "raw": raw}
+                self.loop.run([(squares, None, extras)], total=1)
+                logits = self.state.logits
+                assert logits is not None and logits.shape[0] == len(raw)
+                logits = logits.detach().float()
+                probs = logits.softmax(dim=-1)
+                ok = (torch.isfinite(logits).all(dim=-1) & torch.isfinite(probs).all(dim=-1)).tolist()
+            except Exception:  # noqa: BLE001 - the images are retried one at a time, each failing alone
+                self.state.optimizer = None
+                self._restore(saved)
+                for g, s in generators:
+                    g.set_state(s)  # the retry draws the same views
+                return None
+            self.seen += len(raw)
+            # samples are independent: a non-finite one leaves the others as they are
+            return [Prediction(probs=p.cpu()) if good else Prediction(error=f"FloatingPointError: {NOT_FINITE}") for p, good in zip(probs, ok)]
+
+    def _generators(self) -> list[tuple[torch.Generator, torch.Tensor]]:
+        """The strategies' view generators and their states, to rewind them when a batch is retried."""
+        return [(p.generator, p.generator.get_state()) for _, p in self.strategies if isinstance(getattr(p, "generator", None), torch.Generator)]
 
     def _snapshot(self) -> dict[str, Any]:
         """Copies of the strategies' states (restored when an image fails)."""

@@ -365,7 +365,9 @@ class CLIPBackbone(nn.Module):
         """Text features with learnable context vectors in place of tokens ``1 .. n_ctx``.
 
         Args:
-            ctx: context vectors (n_ctx, W), or a stack of prompts (P, n_ctx, W).
+            ctx: context vectors (n_ctx, W), or a stack of prompts (P, n_ctx, W): several
+                prompts of one sample, or one prompt per sample of a batch (per-sample
+                adaptation encodes B x C sequences in one pass this way).
             token_ids: (C, T) ids from :meth:`class_token_ids`, one row per class.
             normalize: return unit-norm features (what CLIP's classifier uses).
             chunk_size: encode at most this many sequences at a time (prompts x classes are
@@ -436,4 +438,16 @@ def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return logit_scale.float() * torch.einsum("be,pce->bpc", img, txt)
 
 
-__all__ = ["CLIPBackbone", "IMAGENET_TEMPLATES", "SINGLE_TEMPLATE", "clip_logits", "crop_length"]
+def clip_logits_per_sample(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's logits when every sample has its own classifier (per-sample prompts).
+
+    ``image_features`` (B, V, E) are B samples' V views; ``text_features`` (B, C, E) are the
+    class features under each sample's own prompt. Returns (B, V, C): sample b's views
+    against sample b's classes only, the same numbers as :func:`clip_logits` sample by sample.
+    """
+    img = F.normalize(image_features.float(), dim=-1)
+    txt = F.normalize(text_features.float(), dim=-1)
+    return logit_scale.float() * torch.bmm(img, txt.transpose(1, 2))
+
+
+__all__ = ["CLIPBackbone", "IMAGENET_TEMPLATES", "SINGLE_TEMPLATE", "clip_logits", "clip_logits_per_sample", "crop_length"]

@@ -655,6 +655,16 @@ class TestTimeLoop(_Loop):
     sample-wise streams. ``extras`` may carry ``"domain"`` (per-sample names) for per-domain
     online accuracy. Predictions are recorded in ``state.metrics["online"]``.
 
+    A batch of B > 1 samples is one adaptation unit: the strategies see it whole, and a
+    strategy whose samples are independent (``tpt`` with ``episodic``) adapts each one with
+    its own prompt inside that one step. When a strategy declares ``sequential_samples``
+    (true: each sample's adaptation depends on the previous one's, as ``dynaprompt``'s prompt
+    buffer with ``per_sample: true``), the loop runs the samples of the batch one after the
+    other instead, each with its own events, optimizer and prediction, and hands every one
+    the whole batch's raw images in ``state.batch["batch_raw"]`` with its place in
+    ``state.batch["batch_position"]``, so that work that does not depend on the earlier
+    samples (views, image features) can be done once per batch.
+
     Args:
         state: the shared state (``seen_classes`` gives the classes predictions may take;
             empty means all of the head's classes).
@@ -700,30 +710,16 @@ class TestTimeLoop(_Loop):
             if d.enabled and ((self.episodic and n % d.world_size != d.rank) or (not self.episodic and not d.is_main)):
                 continue
             s.batch_index = n
-            # Labels stay out of the state until the prediction is made: adaptation is unsupervised.
-            self._set_batch(images, None, extras)
-            labels = targets.to(s.device) if targets is not None else None
-            self.hooks.fire(Event.TEST_SAMPLE_START, s)
-            if self.reset_optimizer:
-                s.optimizer = None
-            s.phase = "adapt"
-            self._build_optimizer(self.optimizer_options, self.reset_optimizer)
-            for _ in range(self.steps if s.optimizer is not None else 0):
-                s.phase = "adapt"
-                self.hooks.fire(Event.ADAPT_STEP_START, s)
-                s.clear_batch()
-                self._forward(allowed)
-                self._optimize(None)
-                self.hooks.fire(Event.ADAPT_STEP_END, s)
-            s.phase = "predict"
-            s.clear_batch()
-            with torch.no_grad():
-                logits = self._forward(allowed)
-            s.targets = labels
-            self.hooks.fire(Event.TEST_SAMPLE_END, s)
-            hits = (logits.argmax(dim=1) == labels).tolist() if labels is not None else []
+            hits: list[bool] = []
+            done = 0
+            for part in self._split(images, targets, extras):
+                logits, labels = self._adapt_and_predict(*part, allowed)
+                hits += (logits.argmax(dim=1) == labels).tolist() if labels is not None else []
+                done += part[0].shape[0]
+                if s.stop:
+                    break
             domains = extras.get("domain")
-            records.append((n, images.shape[0], hits, [str(x) for x in domains] if domains is not None else None))
+            records.append((n, done, hits, [str(x) for x in domains][:done] if domains is not None else None))
             if s.stop:
                 break
         seconds = time.perf_counter() - started
@@ -749,6 +745,54 @@ class TestTimeLoop(_Loop):
         if self.logger is not None:
             self.logger.log("test_time", s.step, **result)
         return result
+
+    def _split(self, images: torch.Tensor, targets: torch.Tensor | None, extras: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]]:
+        """The batch as one unit, or sample by sample when a strategy declares ``sequential_samples``."""
+        B = images.shape[0]
+        if B <= 1 or not any(getattr(plugin, "sequential_samples", False) for _, plugin in self.strategies):
+            return [(images, targets, extras)]
+
+        def cut(v: Any, j: int) -> Any:
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B:
+                return v[j : j + 1]
+            if isinstance(v, (list, tuple)) and len(v) == B:
+                return type(v)(v[j : j + 1])
+            return v
+
+        parts = []
+        for j in range(B):
+            part = {k: cut(v, j) for k, v in extras.items()}
+            part["batch_position"] = j
+            if extras.get("raw") is not None:
+                part["batch_raw"] = extras["raw"]
+            parts.append((images[j : j + 1], None if targets is None else targets[j : j + 1], part))
+        return parts
+
+    def _adapt_and_predict(self, images: torch.Tensor, targets: torch.Tensor | None, extras: dict[str, Any], allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One adaptation unit: ``test_sample_start``, the steps, the prediction, ``test_sample_end``."""
+        s = self.state
+        # Labels stay out of the state until the prediction is made: adaptation is unsupervised.
+        self._set_batch(images, None, extras)
+        labels = targets.to(s.device) if targets is not None else None
+        self.hooks.fire(Event.TEST_SAMPLE_START, s)
+        if self.reset_optimizer:
+            s.optimizer = None
+        s.phase = "adapt"
+        self._build_optimizer(self.optimizer_options, self.reset_optimizer)
+        for _ in range(self.steps if s.optimizer is not None else 0):
+            s.phase = "adapt"
+            self.hooks.fire(Event.ADAPT_STEP_START, s)
+            s.clear_batch()
+            self._forward(allowed)
+            self._optimize(None)
+            self.hooks.fire(Event.ADAPT_STEP_END, s)
+        s.phase = "predict"
+        s.clear_batch()
+        with torch.no_grad():
+            logits = self._forward(allowed)
+        s.targets = labels
+        self.hooks.fire(Event.TEST_SAMPLE_END, s)
+        return logits, labels
 
 
 def _batches(dataset: Any, batch_size: int, shuffle: bool, generator: torch.Generator | None, num_workers: int) -> Iterator:

@@ -37,6 +37,21 @@ sample while the prompts persist. The loss is TPT's over the selected prompts: c
 prompt's views, averaged over prompts. The prediction is the mean of the selected prompts'
 logits on the original view.
 
+Batches (``per_sample``). The buffer is sequential by nature: a sample's prompt selection reads
+the buffer (residuals, use counts, LRU order) as the previous sample's update left it, and the
+update changes every nonzero prompt (AdamW's decoupled weight decay acts on the whole buffer
+tensor). The official code runs one sample at a time (``--batch_size 1``;
+dynap_classification.py:83-141 selects and steps per sample, and 394-400 recycles per sample).
+So with ``per_sample: true`` and a test-time batch of B > 1 samples, the loop runs the samples
+one after the other (the strategy declares ``sequential_samples``), and only what does not
+read the buffer is done once for the batch: the views of all B samples (drawn in sample
+order from the one generator, so they are the views one at a time would draw) and their
+image features, B x V views in one pass of the image tower. Scoring every prompt, the
+selection, the gradient step and the prediction stay per sample, on the buffer as it
+stands: the results equal one-at-a-time runs within fp32 rounding. With ``per_sample:
+false`` (the default) a batch is one adaptation unit: one selection from the batch-averaged
+scores, one step, the mean loss over its samples.
+
 Memory: selection only needs detached predictions, so all prompts are encoded without a graph,
 ``chunk_size`` sequences at a time; gradients flow only through the selected prompts, whose
 text encoding is checkpointed per chunk. See docs/test-time.md for the ViT-B/16 estimate.
@@ -154,6 +169,9 @@ class DynaPrompt(CLIPTestTimeBase):
             the selected prompts (False: the intended prompt ids).
         collapse_window, collapse_fraction: the collapse guard (see ``OnlineMonitor``);
             a collapse clears the buffer back to the initial prompt. ``0`` disables it.
+        per_sample: adapt the samples of a test-time batch one after the other, exactly as
+            one at a time, with their views and image features computed once per batch
+            (True); False treats a batch as one sample (shared selection and step).
     """
 
     name = NAME
@@ -174,6 +192,7 @@ class DynaPrompt(CLIPTestTimeBase):
         reference_indexing: bool = False,
         collapse_window: int = 64,
         collapse_fraction: float = 0.1,
+        per_sample: bool = False,
         seed: int = 0,
     ) -> None:
         if initial not in INITIAL_MODES:
@@ -191,6 +210,34 @@ class DynaPrompt(CLIPTestTimeBase):
         self.view_idx: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
         self.monitor = OnlineMonitor(collapse_window, collapse_fraction)
+        self.per_sample = bool(per_sample)
+        self.batch_views: tuple[Any, int, torch.Tensor] | None = None  # (batch raw list, first position, (n, V, E) features)
+
+    @property
+    def sequential_samples(self) -> bool:
+        """Whether the loop should run the samples of a batch one after the other."""
+        return self.per_sample
+
+    def _view_features(self, state: State) -> torch.Tensor:
+        """(B, V, E) view features of this sample (or batch); per batch when the loop splits it."""
+        assert self.clip is not None
+        batch = state.batch if isinstance(state.batch, dict) else {}
+        raw_batch = batch.get("batch_raw") if self.per_sample else None
+        if raw_batch is None:
+            views = make_views(raw_images(state), self.views, self.generator, self.clip, self.augmix)
+            B, V = views.shape[:2]
+            return self.image_features(state, views.flatten(0, 1)).view(B, V, -1)
+        pos = int(batch.get("batch_position", 0))
+        cached = self.batch_views
+        if cached is None or cached[0] is not raw_batch or not cached[1] <= pos < cached[1] + cached[2].shape[0]:
+            # the views of this sample and of the rest of the batch, in sample order: the draws one at a time would make
+            views = make_views(list(raw_batch[pos:]), self.views, self.generator, self.clip, self.augmix)
+            B, V = views.shape[:2]
+            self.batch_views = cached = (raw_batch, pos, self.image_features(state, views.flatten(0, 1)).view(B, V, -1))
+        feats = cached[2][pos - cached[1]].unsqueeze(0)
+        if pos - cached[1] == cached[2].shape[0] - 1:
+            self.batch_views = None  # the batch's last sample: nothing left to reuse
+        return feats
 
     def _ensure(self, state: State) -> None:
         clip = self.setup(state)
@@ -231,9 +278,8 @@ class DynaPrompt(CLIPTestTimeBase):
         self._ensure(state)
         assert self.clip is not None and self.buffer is not None
         self.monitor.start()
-        views = make_views(raw_images(state), self.views, self.generator, self.clip, self.augmix)
-        B, V = views.shape[:2]
-        self.view_features = self.image_features(state, views.flatten(0, 1)).view(B, V, -1)
+        self.view_features = self._view_features(state)
+        B = self.view_features.shape[0]
         reference = self.buffer.begin_sample()
         with torch.no_grad():
             logits = self.logits_for(range(self.buffer_size), state, grad=False)  # B, V, P, C

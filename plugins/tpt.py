@@ -23,6 +23,20 @@ What differs from the official code, for speed and never for the maths:
   comes from one seeded ``torch.Generator``; bf16 autocast on CUDA where the official code
   runs fp16 autocast with a GradScaler.
 
+Batches of independent samples (``per_sample``, with ``episodic``): when the test-time batch
+holds B > 1 samples (``test_time.batch_size > 1``, or ``OnlineAdapter(batch_size=...)`` with
+several images), every sample gets its own copy of the initial context, one (B, n_ctx, W)
+parameter; the B x V views go through the image tower in one pass and the B x C prompts
+through the text tower in one pass (``chunk_size`` bounds it); the loss is the *sum* of the
+samples' selected-view entropies, so the gradient of each sample's context is that sample's
+own. AdamW is element-wise (moments, bias correction by the shared step count, decoupled
+weight decay ``p <- p (1 - lr wd)``), so one optimizer over the stacked tensor is B
+independent optimizers with the same learning rate, and a batch gives the one-at-a-time
+results within fp32 rounding. A sum rather than a mean keeps Adam's ``eps`` where it is for a
+single sample. Without ``episodic`` (prompts carried across the stream), or with
+``per_sample: false``, a batch shares one prompt and its loss is the mean over its samples,
+as before.
+
 This module also holds what the other CLIP test-time strategies share: the CLIP backbone
 lookup, view generation, the official ``avg_entropy`` and confidence selection, and
 :class:`OnlineMonitor` (probabilities for the calibration error, per-sample latency, peak
@@ -41,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from driftprompt.engine import ConfigError, State, hookimpl
-from driftprompt.engine.clip import CLIPBackbone, clip_logits
+from driftprompt.engine.clip import CLIPBackbone, clip_logits, clip_logits_per_sample
 from driftprompt.engine.loop import mask_logits
 from driftprompt.engine.metrics import expected_calibration_error
 from driftprompt.engine.runtime import autocast
@@ -515,6 +529,12 @@ class TPT(CLIPTestTimeBase):
         augmix: AugMix views (TPT's setting for fine-grained sets) instead of crop + flip.
         lr: AdamW learning rate of the context (5e-3); the step count is ``test_time.steps``.
         episodic: restore the initial context before every sample (TPT's protocol).
+        per_sample: with ``episodic``, adapt the samples of a batch independently, each with
+            its own context, in one batched step (True); False shares one context over the
+            batch (batch-wise TPT). Needs ``test_time.reset_optimizer: true``.
+        chunk_size: text sequences (samples x classes) encoded at a time, checkpointed in the
+            gradient pass so that memory stays at one chunk's activations; ``None`` encodes
+            all at once (fastest, memory grows with the batch).
         seed: seed of the view generator.
     """
 
@@ -531,21 +551,33 @@ class TPT(CLIPTestTimeBase):
         augmix: bool = False,
         lr: float = 5e-3,
         episodic: bool = True,
+        per_sample: bool = True,
+        chunk_size: int | None = None,
         seed: int = 0,
     ) -> None:
         if views < 1 or not 0.0 < selection <= 1.0:
             raise ConfigError("tpt needs views >= 1 and selection in (0, 1].")
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigError("tpt option chunk_size must be >= 1, or null to encode every prompt at once.")
         super().__init__(class_names, clip, n_ctx, ctx_init, seed)
         self.views = views
         self.selection = selection
         self.augmix = augmix
         self.lr = lr
         self.episodic = episodic
+        self.per_sample = bool(per_sample)
+        self.chunk_size = chunk_size
         self.ctx: torch.Tensor | None = None
+        self.batch_ctx: torch.Tensor | None = None  # B, n_ctx, W: per-sample copies in a batched step
         self.view_features: torch.Tensor | None = None  # B, V, E
         self.selected: torch.Tensor | None = None  # B, k view indices, fixed at the first step
         self.loss: torch.Tensor | None = None
         self.monitor = OnlineMonitor(window=0)
+
+    @property
+    def independent_samples(self) -> bool:
+        """Whether the samples of a batch are adapted independently (``OnlineAdapter`` batches them)."""
+        return self.episodic and self.per_sample
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -563,16 +595,27 @@ class TPT(CLIPTestTimeBase):
             with torch.no_grad():
                 self.ctx.copy_(self.init_ctx)
 
-    def text_features(self, grad: bool) -> torch.Tensor:
-        """(C, E) unit-norm text features of the current context."""
+    def text_features(self, grad: bool, shared: bool = False) -> torch.Tensor:
+        """Unit-norm text features: (C, E) of the context, or (B, C, E) of the per-sample contexts.
+
+        ``shared`` ignores the per-sample contexts of a batched step (evaluation rounds).
+        """
         assert self.clip is not None and self.ctx is not None and self.token_ids is not None
+        ctx = self.ctx if shared or self.batch_ctx is None else self.batch_ctx
         with torch.set_grad_enabled(grad):
-            return self.clip.encode_text_with_context(self.ctx, self.token_ids)
+            recompute = grad and self.chunk_size is not None
+            return self.clip.encode_text_with_context(ctx, self.token_ids, chunk_size=self.chunk_size, recompute=recompute)
 
     def view_logits(self, text: torch.Tensor, state: State) -> torch.Tensor:
-        """(B, V, C) logits of every view under ``text`` features, masked to allowed classes."""
+        """(B, V, C) logits of every view under ``text`` features, masked to allowed classes.
+
+        ``text`` is (C, E), shared by the batch, or (B, C, E), one classifier per sample.
+        """
         assert self.view_features is not None and self.clip is not None
-        logits = clip_logits(self.view_features, text, self.clip.logit_scale)
+        if text.dim() == 3:
+            logits = clip_logits_per_sample(self.view_features, text, self.clip.logit_scale)
+        else:
+            logits = clip_logits(self.view_features, text, self.clip.logit_scale)
         allowed = allowed_mask(state, logits.shape[-1])
         return logits if allowed is None else mask_logits(logits, allowed)
 
@@ -593,11 +636,20 @@ class TPT(CLIPTestTimeBase):
         B, V = views.shape[:2]
         self.view_features = self.image_features(state, views.flatten(0, 1)).view(B, V, -1)
         self.selected = None
+        self.batch_ctx = None
+        if B > 1 and self.independent_samples:
+            assert self.ctx is not None
+            self.batch_ctx = self.ctx.detach().unsqueeze(0).repeat(B, 1, 1).requires_grad_(True)
 
     @hookimpl
     def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
         if state.phase != "adapt" or self.ctx is None:
             return None
+        if self.batch_ctx is not None:
+            if state.optimizer is not None:
+                # the optimizer was kept from the previous sample: its moments would tie the samples together
+                raise ConfigError("tpt adapts the samples of a batch independently only with a fresh optimizer per sample; set test_time.reset_optimizer: true, or the tpt option per_sample: false.")
+            return [{"params": [self.batch_ctx], "name": f"{NAME}.ctx", "role": "prompt", "lr": self.lr}]
         return [{"params": [self.ctx], "name": f"{NAME}.ctx", "role": "prompt", "lr": self.lr}]
 
     @hookimpl
@@ -616,14 +668,18 @@ class TPT(CLIPTestTimeBase):
         # evaluation rounds of a continual run: zero-shot with the current context
         feats = self.image_features(state, clip_inputs(state, clip))
         state.features = feats
-        return clip_logits(feats, self.text_features(grad=False), clip.logit_scale)
+        return clip_logits(feats, self.text_features(grad=False, shared=True), clip.logit_scale)
 
     def selected_loss(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mean over images of ``avg_entropy`` of their confident views (selected at step 1)."""
+        """``avg_entropy`` of each image's confident views (selected at step 1), reduced over images.
+
+        The mean with a shared context; the sum with per-sample contexts, so that each
+        sample's gradient is exactly its own loss's.
+        """
         if self.selected is None:
             self.selected = torch.stack([select_confident(row.detach(), self.selection)[1] for row in logits])
-        terms = [avg_entropy(row[idx]) for row, idx in zip(logits, self.selected)]
-        return torch.stack(terms).mean()
+        terms = torch.stack([avg_entropy(row[idx]) for row, idx in zip(logits, self.selected)])
+        return terms.sum() if self.batch_ctx is not None else terms.mean()
 
     @hookimpl
     def loss_terms(self, state: State) -> dict[str, torch.Tensor] | None:
