@@ -217,6 +217,17 @@ class Stream:
     boundaries: bool = True
     label_mask: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # A continual stream is scored on its test splits; with none at all no metric exists.
+        sizes = []
+        for exp in self.experiences:
+            try:
+                sizes.append(len(exp.test))
+            except TypeError:  # a test set of unknown length: checked when it is read
+                return
+        if sizes and not any(sizes):
+            raise StreamError(f"No experience of stream '{self.name}' has a test image, so no accuracy can be measured; give it test data (a test split, or test_per_class of at least 1).")
+
     def __len__(self) -> int:
         return len(self.experiences)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from driftprompt.engine.errors import StreamError
+
 from .base import TensorImageDataset
 
 
@@ -24,6 +26,11 @@ def synthetic_split(
     sample-specific part: classes overlap more as it grows. Train and test sets share the
     prototypes but no samples; the same seed always gives the same images.
     """
+    for option, value, least in (("num_classes", num_classes, 1), ("train_per_class", train_per_class, 1), ("test_per_class", test_per_class, 1), ("image_size", image_size, 1)):
+        if value < least:
+            raise StreamError(f"Synthetic stream option {option} must be at least {least}, got {value}; raise it.")
+    if not 0.0 <= difficulty <= 1.0:
+        raise StreamError(f"Synthetic stream option difficulty must lie in [0, 1], got {difficulty}; 0 gives well separated classes, 1 overlapping ones.")
     gen = torch.Generator().manual_seed(seed)
     protos = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=gen), size=(image_size, image_size), mode="bicubic", align_corners=False)
     train = _draw(protos, train_per_class, image_size, difficulty, torch.Generator().manual_seed(seed + 1))

@@ -297,6 +297,8 @@ ROWS = [
     Row("unknown_stream", "nosuchstream", with_config(stream={"name": "nosuchstream"})),
     Row("duplicate_strategy", "finetune", with_config(strategies=["finetune", "finetune"])),
     Row("stream_option_unknown", "colours", with_config(stream__options={"num_classes": 4, "colours": 3})),
+    Row("stream_without_test_images", "test_per_class", with_config(stream__options={**BASE["stream"]["options"], "test_per_class": 0})),
+    Row("stream_option_out_of_range", "difficulty", with_config(stream__options={**BASE["stream"]["options"], "difficulty": 4.0})),
     Row("override_without_equals", "train.epochs", lambda tmp: [write(tmp, config()), "train.epochs"]),
     Row("override_without_key", "names no key", lambda tmp: [write(tmp, config()), "=5"]),
     Row("override_unknown_key", "nosuch", lambda tmp: [write(tmp, config()), "train.nosuch=1"]),

@@ -131,3 +131,22 @@ def test_16_bit_arrays_are_shifted_to_8_bits_not_refused_or_clipped():
     assert from_arrays(np.full((1, 4, 4), 200, dtype=np.int32), [0]).images.unique().tolist() == [200]
     with pytest.raises(StreamError, match="negative"):
         from_arrays(np.full((1, 4, 4), -1, dtype=np.int16), [0])
+
+
+def test_synthetic_options_out_of_range_are_one_sentence():
+    from driftprompt.streams.synthetic import synthetic_split
+
+    with pytest.raises(StreamError, match="num_classes must be at least 1"):
+        synthetic_split(num_classes=-1)
+    with pytest.raises(StreamError, match="difficulty must lie in"):
+        synthetic_split(num_classes=2, difficulty=3.0)
+
+
+def test_a_stream_without_any_test_image_is_refused_when_built():
+    from driftprompt.streams import Experience, Stream, TensorImageDataset
+
+    empty = TensorImageDataset(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    train = TensorImageDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]))
+    with pytest.raises(StreamError, match="no accuracy can be measured"):
+        Stream([Experience(0, train, empty, [0, 1])], num_classes=2)
+    assert len(Stream([Experience(0, train, train, [0, 1]), Experience(1, train, empty, [0, 1])], num_classes=2)) == 2
