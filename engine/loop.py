@@ -164,6 +164,12 @@ class _Loop:
         s.inputs = s.backbone.preprocess(images.to(s.device, non_blocking=True))
         s.targets = targets.to(s.device, non_blocking=True) if targets is not None else None
         s.batch = extras
+        # the query cache keys this batch's samples while its inputs are the loader's own
+        if s.query_cache is None:
+            from .query_cache import QueryCache
+
+            s.query_cache = QueryCache.from_config(s.config)
+        s.query_cache.begin_batch(s)
 
     def _forward(self, allowed: torch.Tensor | None) -> torch.Tensor:
         s = self.state

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .distributed import DistContext
 from .prompts import Prompts
+
+if TYPE_CHECKING:
+    from .query_cache import QueryCache
 
 
 @dataclass
@@ -39,6 +42,8 @@ class State:
         batch: extras of the current batch (sample indices, task ids, domains).
         prompts: prompts to inject in the next forward pass; reset before each batch.
         query: the frozen [CLS] feature of ``inputs`` when a strategy asked for it.
+        query_cache: the run's exact cache of queries by sample (``engine.query_cache``); the
+            loop creates it from ``config.query_cache`` at the first batch.
         features: the (prompted) feature that the head consumed.
         logits, loss, loss_terms: outputs of the forward and loss stages.
         optimizer: the optimizer of the current experience or test sample.
@@ -83,6 +88,7 @@ class State:
     metrics: dict[str, Any] = field(default_factory=dict)
     plugin_state: dict[str, Any] = field(default_factory=dict)
     stop: bool = False
+    query_cache: QueryCache | None = None
 
     @property
     def training(self) -> bool:
@@ -100,11 +106,19 @@ class State:
         """Return the frozen [CLS] feature of ``inputs``, computed at most once per batch.
 
         The pass runs without autograd on the same backbone instance as the prompted pass:
-        no second model copy, no graph.
+        no second model copy, no graph. When ``query_cache`` holds this batch's samples,
+        computed in the same batch under the same weights, their stored queries are returned
+        instead: the same bits, without the pass (see ``engine/query_cache.py``).
         """
         if self.query is None:
             assert self.inputs is not None, "compute_query() needs state.inputs"
-            self.query = self.backbone.query(self.inputs)
+            cache = self.query_cache
+            query = cache.lookup(self) if cache is not None else None
+            if query is None:
+                query = self.backbone.query(self.inputs)
+                if cache is not None:
+                    cache.store(self, query)
+            self.query = query
         return self.query
 
     def clear_batch(self) -> None:

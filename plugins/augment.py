@@ -53,6 +53,8 @@ class Augment:
         gen = data_generator(run_seed + self.seed, state.experience.index if state.experience is not None else 0, state.epoch, state.batch_index, 1)
         state.inputs = self.augment(state.inputs, gen)
         state.query = None
+        # the frozen query of these inputs belongs to this draw alone: the query cache stands aside
+        state.batch["augmented"] = True
 
 
 @hookimpl
