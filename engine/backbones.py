@@ -180,6 +180,8 @@ class ViTBackbone(nn.Module):
         try:
             model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
         except TypeError as exc:
+            if "keyword argument" not in str(exc):  # an option of the wrong type, not an unknown one
+                raise kwargs_error(exc) from exc
             raise BackboneError(f"timm model '{name}' does not accept the options {sorted(model_kwargs)} ({exc}); fix backbone.kwargs.") from exc
         except Exception as exc:  # noqa: BLE001 - bad kwargs, download and cache failures come in many types
             if not pretrained:

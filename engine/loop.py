@@ -825,7 +825,9 @@ def cross_entropy(state: State) -> torch.Tensor:
     logits = state.logits
     if state.training and logits.dim() == 2 and state.targets.dim() == 1 and not state.targets.is_floating_point():
         target_logit = logits.detach().gather(1, state.targets.clamp(0, logits.shape[1] - 1)[:, None])
-        masked = (target_logit.float() <= -HUGE_LOSS).any()  # a dtype's minimum, whichever dtype masked it
+        # mask_logits writes the minimum of the dtype it masked in (fp32, or bf16 under autocast)
+        value = target_logit.float()
+        masked = ((value == torch.finfo(logits.dtype).min) | (value == torch.finfo(torch.bfloat16).min)).any()
         prev = state.plugin_state.get(MASKED_TARGET_KEY)
         state.plugin_state[MASKED_TARGET_KEY] = masked if prev is None else prev | masked
     return F.cross_entropy(logits.float(), state.targets)

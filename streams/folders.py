@@ -137,6 +137,12 @@ def _empty(c: _Collected) -> TensorImageDataset:
     return ds
 
 
+def check_image_size(image_size: int | None) -> None:
+    """Refuse an ``image_size`` no image can be resized to (before any file is decoded)."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise StreamError(f"image_size must be a whole number of pixels of at least 1, got {image_size!r}; e.g. 224, or leave it unset to keep the images' own size.")
+
+
 def _cache_key(path: Path, **options: Any) -> str:
     st = path.stat()
     raw = json.dumps({"path": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, **options}, sort_keys=True)
@@ -154,10 +160,17 @@ def _cached(path: Path, cache_dir: str | os.PathLike[str] | None, options: dict[
     else:
         result = read()
         if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(".tmp")
-            torch.save(result, tmp)
-            os.replace(tmp, file)
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(result, tmp)
+                os.replace(tmp, file)
+            except OSError as exc:  # the cache saves time next run; this run has its images already
+                log.warning("Could not write the stream cache '%s' (%s); the images are decoded again next time; set stream.options.cache_dir to a writable folder.", file, exc.strerror or exc)
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
     _MEMORY[key] = result
     return result
 
@@ -209,6 +222,9 @@ def read_tar(
         ``{split: dataset}`` and the class names (class id = position).
     """
     path = Path(path)
+    check_image_size(image_size)
+    if path.is_dir():
+        raise StreamError(f"'{path}' is a folder, not a tar archive; use the image_folder stream for it, or give the archive's path.")
     if not path.is_file():
         raise StreamError(f"Archive '{path}' does not exist; fix stream.options.path or the data root.")
     options = {"splits": list(splits), "per_class": per_class, "image_size": image_size, "kind": "tar"}
@@ -260,6 +276,8 @@ def _folder_files(root: Path, split: str | None) -> list[tuple[Path, str]]:
 def files_of(root: Path, split: str | None) -> list[tuple[Path, str]]:
     """Image files and their class folder names under ``root[/split]/<class>/``."""
     base = root / split if split else root
+    if base.is_file():
+        raise StreamError(f"'{base}' is a file, not an image folder; give the folder that holds <split>/<class>/<image> or <class>/<image> (image_tar reads archives).")
     if not base.is_dir():
         raise StreamError(f"Image folder '{base}' does not exist; use the layout <split>/<class>/<image> or <class>/<image>.")
     return _folder_files(root, split)
@@ -326,6 +344,7 @@ def read_folder(
 ) -> tuple[dict[str | None, TensorImageDataset], list[str]]:
     """Decode an image folder into memory (``None`` as a split reads ``root/<class>/`` directly)."""
     root = Path(root)
+    check_image_size(image_size)
     if not root.is_dir():
         raise StreamError(f"Image folder '{root}' does not exist; fix stream.options.path or the data root.")
     for split in splits:
@@ -371,6 +390,7 @@ class ImageFileDataset(Dataset):
     """
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int], image_size: int = 224, verify: bool = True) -> None:
+        check_image_size(image_size)
         keep_files, keep_labels, skipped = [], [], []
         for f, y in zip(files, labels):
             if verify:

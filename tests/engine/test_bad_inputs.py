@@ -345,6 +345,7 @@ ROWS = [
     Row("plugin_missing_file", "does not exist", plugin_setup("missing")),
     # numerics
     Row("nan_loss", "not finite", plugin_setup("nan_loss")),
+    Row("diverging_learning_rate", "learning rate", with_config(train__optimizer={"name": "sgd", "lr": 1e30})),
 ]
 
 

@@ -157,3 +157,12 @@ def test_no_host_sync_per_step(tmp_path, make_config, monkeypatch):
 
     # twice the batches must not add host reads: every step stays on the device
     assert syncs(4) == syncs(2)
+
+
+def test_a_diverging_learning_rate_is_not_blamed_on_a_masked_target(tmp_path, make_config):
+    config = make_config(train={"epochs": 2, "batch_size": 8, "optimizer": {"name": "sgd", "lr": 1e30}})
+    with build(config, run_dir=tmp_path / "run") as run:
+        with pytest.raises(PluginError) as info:
+            run.fit()
+    msg = str(info.value)
+    assert "'ce'" in msg and "'finetune'" in msg and "learning rate" in msg and "masked" not in msg

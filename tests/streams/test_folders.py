@@ -127,3 +127,27 @@ def test_a_file_that_is_not_a_tar_is_one_line(tmp_path):
         image_tar(str(bogus))
     msg = str(info.value)
     assert "not a readable tar archive" in msg and "\n" not in msg
+
+
+def test_a_cache_folder_that_cannot_be_written_only_warns(tmp_path, caplog):
+    root = _folder(tmp_path / "f", truncated=0)
+    (tmp_path / "in_the_way").write_text("a file where the cache folder should be")
+    parts, names = read_folder(root, cache_dir=tmp_path / "in_the_way" / "cache")
+    assert names == ["a", "b"] and len(parts["train"]) == 6
+    assert "Could not write the stream cache" in caplog.text
+
+
+@pytest.mark.parametrize("size", [0, -5, 2.5])
+def test_an_impossible_image_size_is_refused_before_decoding(tmp_path, size):
+    root = _folder(tmp_path / "f", truncated=0)
+    with pytest.raises(StreamError, match="image_size must be"):
+        read_folder(root, image_size=size)
+
+
+def test_folder_and_archive_paths_of_the_wrong_kind_are_named(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(StreamError, match="is a file, not an image folder"):
+        image_folder(str(tmp_path / "file.txt"), n_experiences=1)
+    (tmp_path / "folder.tar").mkdir()
+    with pytest.raises(StreamError, match="is a folder, not a tar archive"):
+        image_tar(str(tmp_path / "folder.tar"), n_experiences=1)
