@@ -133,7 +133,6 @@ def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.
     h = (target / aspect).sqrt().round()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = torch.where(ok.any(dim=1), ok.float().argmax(dim=1), torch.full((n,), -1))
-    boxes = torch.empty(n, 4)
     in_ratio = width / height
     if in_ratio < ratio[0]:
         fw, fh = width, round(width / ratio[0])
@@ -141,18 +140,21 @@ def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.
         fh, fw = height, round(height * ratio[1])
     else:
         fw, fh = width, height
-    u = torch.rand(n, 2, generator=generator)
+    u = torch.rand(n, 2, generator=generator).tolist()
+    # plain Python numbers in the loop: per-element tensor indexing cost more than the crops
+    firsts, ws, hs = first.tolist(), w.tolist(), h.tolist()
+    rows = []
     for i in range(n):
-        a = int(first[i])
+        a = firsts[i]
         if a < 0:
             cw, ch = float(fw), float(fh)
             x0, y0 = float((width - fw) // 2), float((height - fh) // 2)
         else:
-            cw, ch = float(w[i, a]), float(h[i, a])
-            x0 = math.floor(float(u[i, 0]) * (width - cw + 1))
-            y0 = math.floor(float(u[i, 1]) * (height - ch + 1))
-        boxes[i] = torch.tensor([x0, y0, x0 + cw, y0 + ch])
-    return boxes
+            cw, ch = ws[i][a], hs[i][a]
+            x0 = math.floor(u[i][0] * (width - cw + 1))
+            y0 = math.floor(u[i][1] * (height - ch + 1))
+        rows.append([x0, y0, x0 + cw, y0 + ch])
+    return torch.tensor(rows, dtype=torch.float32).reshape(n, 4)
 
 
 def crop_flip_views(image: torch.Tensor, n: int, generator: torch.Generator, size: tuple[int, int] | None = None) -> torch.Tensor:
