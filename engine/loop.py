@@ -119,6 +119,27 @@ def cosine_epoch_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> Epoc
     return EpochSchedule(optimizer, lambda epoch: cosine_epoch_factor(epoch, epochs))
 
 
+def check_evaluation(config: Any, strategies: list[tuple[str, Any]], stream: Any, backbone: Any) -> None:
+    """Refuse an evaluation setup the continual loop cannot honour, before anything trains.
+
+    ``eval.classes: all`` contradicts a task-incremental stream; a strategy may declare the
+    modes it can score in an ``eval_classes`` attribute; ``eval.resize`` and
+    ``eval.interpolation`` need a backbone with an ``evaluating`` view (the timm ViT).
+    """
+    from .errors import ConfigError
+
+    mode = getattr(config.eval, "classes", "seen")
+    if mode == "all" and getattr(stream, "scenario", "") == "task_incremental":
+        raise ConfigError("eval.classes: all contradicts a task-incremental stream, which predicts among each task's own classes; set eval.classes: seen.")
+    for name, plugin in strategies:
+        supported = getattr(plugin, "eval_classes", ("seen", "all"))
+        if mode not in supported:
+            raise ConfigError(f"Strategy '{name}' cannot score eval.classes: {mode}; set eval.classes to one of {', '.join(supported)}.")
+    resize, interpolation = getattr(config.eval, "resize", None), getattr(config.eval, "interpolation", "model")
+    if backbone is not None and getattr(backbone, "evaluating", None) is None and (resize is not None or interpolation != "model"):
+        raise ConfigError(f"eval.resize and eval.interpolation apply to timm ViT backbones, not {type(backbone).__name__}; remove them.")
+
+
 class _Loop:
     def __init__(self, state: State, hooks: Hooks, strategies: list[tuple[str, Any]], logger: Any = None, progress: bool | None = None) -> None:
         self.state = state
@@ -604,21 +625,12 @@ class ContinualLoop(_Loop):
         """
         import contextlib
 
-        from .errors import ConfigError
-
         s, cfg = self.state, self.config
+        check_evaluation(cfg, self.strategies, self.stream, s.backbone)  # also checked before a run starts
         mode = getattr(cfg.eval, "classes", "seen")
         task_incremental = getattr(self.stream, "scenario", "") == "task_incremental"
-        if mode == "all" and task_incremental:
-            raise ConfigError("eval.classes: all contradicts a task-incremental stream, which predicts among each task's own classes; set eval.classes: seen.")
-        for name, plugin in self.strategies:
-            supported = getattr(plugin, "eval_classes", ("seen", "all"))
-            if mode not in supported:
-                raise ConfigError(f"Strategy '{name}' cannot score eval.classes: {mode}; set eval.classes to one of {', '.join(supported)}.")
         view = getattr(s.backbone, "evaluating", None)
         resize, interpolation = getattr(cfg.eval, "resize", None), getattr(cfg.eval, "interpolation", "model")
-        if view is None and (resize is not None or interpolation != "model"):
-            raise ConfigError(f"eval.resize and eval.interpolation apply to timm ViT backbones, not {type(s.backbone).__name__}; remove them.")
         s.phase = "eval"
         self.hooks.fire(Event.EVAL_START, s)
         last = len(self.stream) if cfg.eval.future else i + 1

@@ -19,7 +19,7 @@ from .checkpoint import CHECKPOINT_NAME, REQUIRED_KEYS, load
 from .config import SAFE_TO_CHANGE, RunConfig, changed_keys, dump_config, load_config
 from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError, RunFinished, RunInterrupted, StreamError, condense, describe, describe_os_error, naming, os_cause
 from .loggers import JSONL_NAME, RunLogger
-from .loop import ContinualLoop, EngineDefaults, TestTimeLoop
+from .loop import ContinualLoop, EngineDefaults, TestTimeLoop, check_evaluation
 from .plugins import Hooks, Registry, discover, instantiate
 from .distributed import init_from_env
 from .runtime import resolve_amp_dtype, resolve_device, seed_everything
@@ -408,6 +408,8 @@ def build(
     stream = build_stream(config, registry)
     check_mode(mode, config, strategies, hooks, stream)
     backbone = build_backbone(config).to(device)
+    if mode == "fit":
+        check_evaluation(config, strategies, stream, backbone)
     head = nn.Linear(backbone.embed_dim, stream.num_classes).to(device)
     if config.test_time.head_checkpoint:
         payload = load(config.test_time.head_checkpoint)

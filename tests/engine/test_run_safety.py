@@ -460,3 +460,16 @@ def test_an_unreadable_checkpoint_is_condensed_to_its_cause(tmp_path):
         load(tmp_path / "checkpoint.pt")
     message = str(info.value)
     assert "\n" not in message and "Unsupported global" in message and "PyTorch 2.6" not in message
+
+
+def test_evaluation_mode_a_strategy_cannot_score_is_refused_before_the_run_directory(tmp_path):
+    from driftprompt.plugins.finetune import Finetune
+
+    class SeenOnly(Finetune):
+        eval_classes = ("seen",)
+
+    cfg = tiny_config(strategies=["seen_only"])
+    cfg["eval"]["classes"] = "all"
+    with pytest.raises(ConfigError, match="seen_only.*eval.classes"):
+        build(validate(cfg), tmp_path / "run", registry_with(seen_only=SeenOnly), mode="fit")
+    assert not (tmp_path / "run").exists()
