@@ -247,16 +247,18 @@ STATS_PLUGIN = textwrap.dedent('''
     from driftprompt.engine import hookimpl
 
     class DumpQueries:
+        """Checks every evaluation query against a fresh computation on the same shard."""
+
         def __init__(self):
-            self.queries = []
+            self.same = []
 
         @hookimpl
         def eval_batch_end(self, state):
-            self.queries.append(state.query.tolist())
+            self.same.append(bool(torch.equal(state.query, state.backbone.query(state.inputs))))
 
         @hookimpl
         def fit_end(self, state):
-            out = {"stats": state.query_cache.stats(), "queries": self.queries}
+            out = {"stats": state.query_cache.stats(), "same": self.same}
             with open(os.environ["DUMP_DIR"] + f"/rank{state.dist.rank}.json", "w") as f:
                 json.dump(out, f)
 
@@ -266,29 +268,21 @@ STATS_PLUGIN = textwrap.dedent('''
 ''')
 
 
-def test_two_processes_cache_their_own_shards_with_the_same_results(tmp_path):
+def test_two_processes_cache_their_own_shards_exactly(tmp_path):
     (tmp_path / "dump.py").write_text(STATS_PLUGIN)
-    dumps = {}
-    for enabled in (True, False):
-        cfg = _config(["l2p", "dump_queries"], enabled=enabled)
-        cfg["plugin_modules"] = [str(tmp_path / "dump.py")]
-        cfg["distributed"] = {"timeout_s": 60}
-        path = tmp_path / f"cfg{enabled}.yaml"
-        path.write_text(json.dumps(cfg))
-        out = tmp_path / f"dump{enabled}"
-        out.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), str(path), "--run-dir", str(tmp_path / f"run{enabled}"), "-q"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_DIR": str(out)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        dumps[enabled] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-        summary = json.loads((tmp_path / f"run{enabled}" / "summary.json").read_text())
-        dumps[enabled].append(summary["accuracy"])
-    assert dumps[True][2] == dumps[False][2]
+    cfg = _config(["l2p", "dump_queries"])
+    cfg["plugin_modules"] = [str(tmp_path / "dump.py")]
+    cfg["distributed"] = {"timeout_s": 60}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), str(path), "--run-dir", str(tmp_path / "run"), "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_DIR": str(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in range(2):
-        cached, plain = dumps[True][rank], dumps[False][rank]
-        assert cached["queries"] == plain["queries"]  # the same floats, shard by shard
-        # each process sees half of every test batch: 4 of the 8 images per experience
-        assert cached["stats"]["misses"] == 2 * TEST_IMAGES // 2
-        assert cached["stats"]["hits"] == TEST_IMAGES // 2
-        assert plain["stats"]["hits"] == 0
+        dump = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # every evaluation batch's query (cached or not) equals a fresh pass over that shard
+        assert dump["same"] == [True] * 3
+        # each process sees half of every test batch, 4 of the 8 images, and caches its half
+        assert dump["stats"]["misses"] == 2 * TEST_IMAGES // 2
+        assert dump["stats"]["hits"] == TEST_IMAGES // 2
