@@ -40,8 +40,9 @@ logits on the original view.
 Batches (``per_sample``). The buffer is sequential by nature: a sample's prompt selection reads
 the buffer (residuals, use counts, LRU order) as the previous sample's update left it, and the
 update changes every nonzero prompt (AdamW's decoupled weight decay acts on the whole buffer
-tensor). The official code runs one sample at a time (``--batch_size 1``;
-dynap_classification.py:83-141 selects and steps per sample, and 394-400 recycles per sample).
+tensor). The official code runs one sample at a time: its loader's batch is one image
+(dynap_classification.py:256, 312-315), and for each sample it recycles a slot (394-400),
+reloads the optimizer state (402), then selects and steps (``test_time_tuning``, 95-163).
 So with ``per_sample: true`` and a test-time batch of B > 1 samples, the loop runs the samples
 one after the other (the strategy declares ``sequential_samples``), and only what does not
 read the buffer is done once for the batch: the views of all B samples (drawn in sample
