@@ -584,8 +584,8 @@ class ContinualLoop(_Loop):
             self.hooks.fire(Event.EVAL_BATCH_END, s)
         return logits
 
-    def _eval_accuracy(self, exp: Any, allowed: torch.Tensor | None) -> float:
-        """Accuracy (percent) on ``exp``'s test split; NaN, with a warning, when it has no image.
+    def _eval_accuracy(self, exp: Any, allowed: torch.Tensor | None) -> float | None:
+        """Accuracy (percent) on ``exp``'s test split; ``None``, with a warning, when it has no image.
 
         An experience without test images has no accuracy: it is marked in the accuracy
         matrix (left out of the averages, listed in the summary) instead of counting as 0%.
@@ -596,7 +596,7 @@ class ContinualLoop(_Loop):
                 raise StreamError("No experience of the stream has a test image, so no accuracy can be measured; give the stream test data (e.g. stream.options.test_per_class).")
             if self.accuracy.mark_empty(exp.index):
                 log.warning("Experience %d has no test images: it is left out of the accuracy averages (summary.json lists it under empty_test_experiences).", exp.index)
-            return math.nan
+            return None
         s.eval_experience = exp
         correct = torch.zeros((), dtype=torch.long, device=s.device)
         total = 0

@@ -486,7 +486,8 @@ class AccuracyMatrix:
         Args:
             trained: Index ``i`` of the experience just trained.
             evaluated: Index ``j`` of the experience evaluated.
-            value: Accuracy in percent, within ``[0, 100]``.
+            value: Accuracy in percent, within ``[0, 100]`` (``None`` or ``NaN`` for
+                an experience marked with :meth:`mark_empty`).
 
         Raises:
             ValueError: If an index is out of range or ``value`` is not a
@@ -496,7 +497,7 @@ class AccuracyMatrix:
         j = self._check_index(evaluated, "evaluated")
         if isinstance(value, torch.Tensor):
             value = value.item()
-        if j in self.empty and isinstance(value, float) and math.isnan(value):
+        if j in self.empty and (value is None or (isinstance(value, float) and math.isnan(value))):
             return  # no test image: nothing to record
         try:
             val = float(value)
@@ -570,7 +571,9 @@ class AccuracyMatrix:
                 entries; typically all ``T``) for forward transfer.
 
         Returns:
-            The :func:`summarize` dict for the leading block.
+            The :func:`summarize` dict for the leading block, plus
+            ``"empty_test_experiences"`` (when an experience had no test image)
+            and the entries of :attr:`notes`.
 
         Raises:
             ValueError: If no value has been recorded yet.
