@@ -151,6 +151,9 @@ class LogConfig(_Strict):
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool | None = Field(None, description="progress bars; null shows them only on a terminal")
+    # 50 as Lightning's Trainer logs by default (log_every_n_steps; its docs, "Track and Visualize
+    # Experiments (advanced)"): readable curves without a record (and an fsync) per step.
+    every_steps: int = Field(50, ge=1, description="training curves (loss terms, learning rates, accuracy) every N optimizer steps; test-time online accuracy every N test batches")
 
 
 class CheckpointConfig(_Strict):
