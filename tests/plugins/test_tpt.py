@@ -136,3 +136,23 @@ def test_prediction_uses_the_tuned_prompt_on_the_original_view(adapted):
         expected = tpt.clip.logit_scale * tpt.view_features[:, 0] @ text.T
     torch.testing.assert_close(run.state.logits.float(), expected, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(run.state.metrics["tpt"]["ece"]))
+
+
+def test_a_run_with_test_time_batches_predicts_as_sample_wise():
+    """``test_time.batch_size: 3``: three independent samples in one step, the sample-wise predictions."""
+    from ..conftest import tiny_config
+    from driftprompt.engine.config import validate
+
+    data = TensorImageDataset(torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 3, 0]))
+    probs = {}
+    for batch in (1, 3):
+        torch.manual_seed(0)
+        run = make_run(lambda **kw: validate(tiny_config(**kw)))
+        tpt = dict(run.strategies)["tpt"]
+        result = run.adapt(iterate(data, batch), total=-(-5 // batch))
+        assert result["samples"] == 5
+        probs[batch] = torch.cat(tpt.monitor.probs)
+        if batch == 3:
+            assert tpt.batch_ctx is None or tpt.batch_ctx.shape[0] == 2  # the last batch holds two samples
+    assert probs[1].shape == (5, 4)
+    torch.testing.assert_close(probs[3], probs[1], atol=1e-5, rtol=0)
