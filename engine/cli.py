@@ -13,24 +13,42 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import load_config, validate
-from .errors import DriftpromptError, RunFinished, RunInterrupted, describe
-from .loggers import format_accuracy_matrix, format_summary, side_by_side
-from .metrics import AccuracyMatrix
-from .plugins import BLOCK_ENV, discover
+from .errors import ConfigError, DriftpromptError, RunFinished, RunInterrupted, describe
+from .plugins import BLOCK_ENV, catalog
+
+# Nothing here imports torch at module level: --help, plugins, compare and config answer in a
+# fraction of a second. The commands that run a model import the engine inside them.
 
 DESCRIPTION = """\
 driftprompt: continual and test-time prompt learning on frozen ViT and CLIP backbones.
 
-  driftprompt                         run the offline demo (two strategies, tiny random ViT,
-                                      synthetic class-incremental stream; about a minute on a CPU)
+  driftprompt                         run the offline demo (finetune and ncm, tiny random ViT,
+                                      synthetic class-incremental stream; about a minute on a
+                                      CPU), then compare the two runs
   driftprompt CONFIG.yaml [k=v ...]   run a config; overrides use dotted keys, values are YAML:
                                         train.epochs=3  strategies=[ncm]  strategies.0.mask_current=true
+  driftprompt CONFIG.yaml --seeds 0,1,2 [--vary-stream-seed]
+                                      one run per seed, in sibling directories RUN_DIR/seed-<s>
+                                      (--run-dir, else runs/<name>-<time>); --seeds sets the run
+                                      `seed` (initialisation, data order, augmentation) and keeps
+                                      the stream; --vary-stream-seed also sets stream.options.seed
+                                      (the class order, unless class_order is given); then compares
   driftprompt adapt CONFIG.yaml [k=v ...]
                                       test-time adaptation over the config's stream, one
                                       prediction per sample after its adaptation steps
   driftprompt --resume RUN_DIR        continue a killed run after its last finished experience
+  driftprompt compare RUN_DIR... [--csv FILE] [--plot FILE.png]
+                                      final and average incremental accuracy, forgetting, BWT,
+                                      FWT and time side by side, grouped by config, mean +- std
+                                      over seeds; a folder of runs stands for its runs
   driftprompt plugins [CONFIG.yaml]   list every strategy and stream, and where it comes from
                                       (with a config: its plugin_modules too)
+  driftprompt plugins NAME            one strategy's or stream's options: type, default, meaning
+  driftprompt config [CONFIG.yaml] [k=v ...]
+                                      print the resolved config as YAML (validated)
+  driftprompt config --schema         print the config's JSON schema
+  driftprompt export RUN_DIR --out FILE
+                                      export a finished run to FILE
 
 Each run writes RUN_DIR/config.yaml (resolved), metrics.jsonl, tensorboard/, checkpoint.pt
 (after every experience, written atomically) and summary.json.
@@ -38,7 +56,11 @@ Each run writes RUN_DIR/config.yaml (resolved), metrics.jsonl, tensorboard/, che
 
 DEBUG_ENV = "DRIFTPROMPT_DEBUG"
 
-EPILOG = f"Set {BLOCK_ENV}=name1,name2 to keep named external plugins from loading. Errors print one line; --debug or {DEBUG_ENV}=1 adds the traceback. What each error means: docs/failures.md."
+EPILOG = (
+    f"Set {BLOCK_ENV}=name1,name2 to keep named external plugins from loading. On a shared machine set "
+    "runtime.threads=N (or OMP_NUM_THREADS=N) to the cores the run may use. Errors print one line; "
+    f"--debug or {DEBUG_ENV}=1 adds the traceback. What each error means: docs/failures.md."
+)
 
 # the run directory of the command in progress, for the resume hint after an interrupt
 _current_run_dir: list[Path] = []
@@ -69,15 +91,24 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="driftprompt", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("items", nargs="*", metavar="CONFIG|plugins [key=value ...]", help="a YAML config, or 'plugins', followed by overrides")
+    parser.add_argument("items", nargs="*", metavar="CONFIG|COMMAND [ARG|key=value ...]", help="a YAML config and overrides, or a command: adapt, compare, plugins, config, export")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
-    parser.add_argument("--run-dir", metavar="DIR", help="where to write this run (default runs/<name>-<time>)")
+    parser.add_argument("--run-dir", metavar="DIR", help="where to write this run (default runs/<name>-<time>); with --seeds, the parent of the seed runs")
+    parser.add_argument("--seeds", metavar="S1,S2,...", help="run the config once per seed (run `seed`), in sibling directories, then compare them")
+    parser.add_argument("--vary-stream-seed", action="store_true", help="with --seeds: also set stream.options.seed to each seed (a new class order per run)")
+    parser.add_argument("--csv", metavar="FILE", help="compare: also write the table as CSV")
+    parser.add_argument("--plot", metavar="FILE.png", help="compare: also draw accuracy after each experience, one line per config, bands of +- std over seeds")
+    parser.add_argument("--schema", action="store_true", help="config: print the JSON schema of a config instead of a resolved config")
+    parser.add_argument("--out", metavar="FILE", help="export: the file to write")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
     parser.add_argument("--debug", action="store_true", help=f"print the full traceback of an error (or set {DEBUG_ENV}=1)")
     return parser
 
 
 def _print_result(summaries: list[dict[str, Any]]) -> None:
+    from .loggers import format_accuracy_matrix, format_summary, side_by_side
+    from .metrics import AccuracyMatrix
+
     blocks = []
     for summary in summaries:
         values = AccuracyMatrix.from_list(summary["accuracy"]).values
@@ -86,9 +117,14 @@ def _print_result(summaries: list[dict[str, Any]]) -> None:
     print(side_by_side(blocks, gap=6))
 
 
+def _is_config_path(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml")) or os.sep in arg or Path(arg).is_file()
+
+
 def cmd_plugins(config_path: str | None = None) -> int:
+    """List every strategy and stream; built-in ones from their generated metadata, unimported."""
     modules = load_config(config_path).plugin_modules if config_path else []
-    registry = discover(modules)
+    registry = catalog(modules)
     rows = [("kind", "name", "from", "description")]
     rows += [("strategy", e.name, f"{e.source} {e.version}".strip(), e.summary) for e in sorted(registry.strategies.values(), key=lambda e: e.name)]
     rows += [("stream", e.name, f"{e.source} {e.version}".strip(), e.summary) for e in sorted(registry.streams.values(), key=lambda e: e.name)]
@@ -99,28 +135,106 @@ def cmd_plugins(config_path: str | None = None) -> int:
         print(f"blocked by {BLOCK_ENV}: {name}")
     for name, why in registry.broken.items():
         print(f"failed to load: {name}: {why}")
+    print("driftprompt plugins NAME shows one strategy's or stream's options.")
     return 0
+
+
+def cmd_plugin_options(name: str) -> int:
+    """One strategy's (or stream's) options: name, type, default, and the docstring's description."""
+    from .reference import lr_override, options_of
+
+    registry = catalog()
+    entry = registry.strategies.get(name) or registry.streams.get(name)
+    if entry is None:
+        kind = "strategy"
+        registry.strategy(name)  # raises: unknown, with the names available
+    kind = "strategy" if name in registry.strategies else "stream"
+    options = entry.static["options"] if entry.static is not None else options_of(entry.obj)
+    print(f"{kind} {name} ({f'{entry.source} {entry.version}'.strip()}): {entry.summary}")
+    if not options:
+        print("no options")
+    rows = [("option", "type", "default")] + [(o["name"], o["type"] or "-", o["default"]) for o in options]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row, option in zip(rows, [None, *options]):
+        line = "  ".join(col.ljust(w) for col, w in zip(row, widths))
+        print((line + "  " + (option["description"] if option else "description")).rstrip())
+    note = lr_override(options) if kind == "strategy" else None
+    if note:
+        print(note.replace("`", ""))
+    where = f"strategies: [{{name: {name}, <option>: <value>}}]" if kind == "strategy" else f"stream: {{name: {name}, options: {{<option>: <value>}}}}"
+    print(f"set them in a config as {where}; the full page: docs/reference/{'strategies/' + name if kind == 'strategy' else 'streams'}.md")
+    return 0
+
+
+def cmd_config(config_path: str | None, overrides: Sequence[str], schema: bool) -> int:
+    import json
+
+    import yaml
+
+    if schema:
+        if config_path or overrides:
+            raise ConfigError("config --schema takes no config or overrides; run driftprompt config --schema alone.")
+        from .reference import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return 0
+    config = load_config(config_path, overrides)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_compare(paths: Sequence[str], csv_path: str | None, plot_path: str | None) -> int:
+    from .compare import compare, format_table, plot, write_csv
+
+    comparison = compare(paths)
+    print(format_table(comparison))
+    if csv_path:
+        print(f"table written to {write_csv(comparison, csv_path)}")
+    if plot_path:
+        print(f"plot written to {plot(comparison, plot_path)}")
+    return 0
+
+
+def cmd_export(items: Sequence[str], out: str | None) -> int:
+    if len(items) != 1 or not out:
+        raise ConfigError("export takes one run directory and --out FILE: driftprompt export RUN_DIR --out FILE.")
+    try:
+        from .export import export_run
+    except ImportError:
+        raise DriftpromptError("This installation has no exporter (driftprompt.engine.export is missing); update driftprompt.") from None
+    print(f"exported {items[0]} to {export_run(items[0], out)}")
+    return 0
+
+
+def _apply_runtime(config: Any) -> None:
+    from .runtime import apply_runtime
+
+    apply_runtime(config.runtime)
 
 
 def cmd_demo(run_root: str | None) -> int:
     from .run import build
 
     print("driftprompt demo: finetune vs ncm on a synthetic 5-experience class-incremental stream, tiny random ViT (no download).")
-    summaries = []
+    summaries, dirs = [], []
     for strategy in DEMO_STRATEGIES:
         config = validate(demo_config(strategy))
+        _apply_runtime(config)
         with build(config, Path(run_root) / config.name if run_root else "auto", mode="fit") as run:
             _current_run_dir[:] = [run.run_dir] if run.run_dir else []
             summaries.append(run.fit())
+            dirs.append(str(run.run_dir))
             print(f"{strategy}: logs in {run.run_dir}")
     _print_result(summaries)
-    return 0
+    print(f"\n$ driftprompt compare {' '.join(dirs)}")
+    return cmd_compare(dirs, None, None)
 
 
 def cmd_run(config_path: str | None, overrides: Sequence[str], run_dir: str | None) -> int:
     from .run import build
 
     config = load_config(config_path, overrides)
+    _apply_runtime(config)
     with build(config, run_dir or "auto", mode="fit") as run:
         _current_run_dir[:] = [run.run_dir] if run.run_dir else []
         print(f"run directory: {run.run_dir}")
@@ -129,10 +243,63 @@ def cmd_run(config_path: str | None, overrides: Sequence[str], run_dir: str | No
     return 0
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` (or ``"0-4"`` for a range) to a list of distinct integers."""
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1])
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise ConfigError(f"--seeds '{text}' is not a list of integers; write --seeds 0,1,2 (or 0-4).") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds '{text}' must name at least one seed and no seed twice; write --seeds 0,1,2.")
+    return seeds
+
+
+def cmd_seeds(config_path: str | None, overrides: Sequence[str], run_dir: str | None, seeds_text: str, vary_stream: bool) -> int:
+    """Run one config once per seed into ``<run_dir>/seed-<s>``, then compare the runs.
+
+    ``--seeds`` sets the run's ``seed`` (model initialisation, data order, augmentation and
+    every other draw of the run); the stream, and so its class order, stays the same unless
+    ``--vary-stream-seed`` also sets ``stream.options.seed``.
+    """
+    from .run import build, default_run_dir
+
+    seeds = parse_seeds(seeds_text)
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key == "seed" or (vary_stream and key == "stream.options.seed"):
+            raise ConfigError(f"Override '{override}' conflicts with --seeds, which sets {key} itself; remove one of them.")
+    base_config = load_config(config_path, overrides)
+    base = Path(run_dir) if run_dir else Path(base_config.run_dir) if base_config.run_dir else default_run_dir(base_config)
+    dirs = []
+    summaries = []
+    for seed in seeds:
+        extra = [f"seed={seed}"] + ([f"stream.options.seed={seed}"] if vary_stream else [])
+        config = load_config(config_path, [*overrides, *extra])
+        _apply_runtime(config)
+        target = base / f"seed-{seed}"
+        with build(config, target, mode="fit") as run:
+            _current_run_dir[:] = [run.run_dir] if run.run_dir else []
+            print(f"seed {seed}: run directory {run.run_dir}")
+            summaries.append(run.fit())
+        dirs.append(str(target))
+    _print_result(summaries)
+    print(f"\n$ driftprompt compare {base}")
+    return cmd_compare(dirs, None, None)
+
+
 def cmd_adapt(config_path: str | None, overrides: Sequence[str], run_dir: str | None) -> int:
     from .run import build
 
     config = load_config(config_path, overrides)
+    _apply_runtime(config)
     with build(config, run_dir or "auto", mode="adapt") as run:
         _current_run_dir[:] = [run.run_dir] if run.run_dir else []
         print(f"run directory: {run.run_dir}")
@@ -149,6 +316,12 @@ def cmd_resume(run_dir: str, extra: Sequence[str]) -> int:
 
     if extra:
         raise DriftpromptError("--resume takes no config or overrides: a resumed run keeps the config saved in its directory.")
+    saved = Path(run_dir) / "config.yaml"
+    if saved.is_file():
+        try:
+            _apply_runtime(load_config(saved))
+        except DriftpromptError:
+            pass  # resume() names what is wrong with the directory
     try:
         run = resume(run_dir)
     except RunFinished as done:
@@ -160,6 +333,25 @@ def cmd_resume(run_dir: str, extra: Sequence[str]) -> int:
         summary = run.fit()
     _print_result([summary])
     return 0
+
+
+#: Which command each option belongs to (None: running a config).
+_FLAG_COMMANDS = {"seeds": (None,), "vary_stream_seed": (None,), "csv": ("compare",), "plot": ("compare",), "schema": ("config",), "out": ("export",)}
+
+
+def _check_flags(args: argparse.Namespace, command: str | None) -> None:
+    """An option given to a command that does not take it is one sentence, not ignored."""
+    running = None if command not in ("plugins", "compare", "export", "adapt", "config") else command
+    for name, commands in _FLAG_COMMANDS.items():
+        value = getattr(args, name)
+        if value in (None, False):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if running not in commands or (running is None and args.resume):
+            where = "running a config" if commands == (None,) else commands[0]
+            raise ConfigError(f"{flag} belongs to {where}; see driftprompt --help.")
+    if args.vary_stream_seed and args.seeds is None:
+        raise ConfigError("--vary-stream-seed needs --seeds; write driftprompt CONFIG.yaml --seeds 0,1,2 --vary-stream-seed.")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -184,18 +376,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        command = items[0] if items else None
+        _check_flags(args, command)
         if args.resume:
             return cmd_resume(args.resume, items)
-        if items[:1] == ["plugins"]:
+        if command == "plugins":
+            if len(items) > 2:
+                raise ConfigError("plugins takes one config or one plugin name: driftprompt plugins [CONFIG.yaml | NAME].")
+            if len(items) == 2 and not _is_config_path(items[1]):
+                return cmd_plugin_options(items[1])
             return cmd_plugins(items[1] if len(items) > 1 else None)
-        if items[:1] == ["adapt"]:
+        if command == "compare":
+            return cmd_compare(items[1:], args.csv, args.plot)
+        if command == "export":
+            return cmd_export(items[1:], args.out)
+        if command in ("adapt", "config"):
             rest = items[1:]
             path = rest[0] if rest and "=" not in rest[0] else None
+            if command == "config":
+                return cmd_config(path, rest[1:] if path else rest, args.schema)
             return cmd_adapt(path, rest[1:] if path else rest, args.run_dir)
         if not items:
             return cmd_demo(args.run_dir)
         config_path = None if "=" in items[0] else items[0]
         overrides = items[1:] if config_path is not None else items
+        if args.seeds is not None:
+            return cmd_seeds(config_path, overrides, args.run_dir, args.seeds, args.vary_stream_seed)
         return cmd_run(config_path, overrides, args.run_dir)
     except (KeyboardInterrupt, RunInterrupted) as exc:
         what = "SIGTERM" if isinstance(exc, RunInterrupted) else "SIGINT"

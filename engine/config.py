@@ -177,6 +177,14 @@ class QueryCacheConfig(_Strict):
     train: bool = Field(False, description="also cache training batches by sample; exact only up to last-bit rounding, since batch composition changes the sums")
 
 
+class RuntimeConfig(_Strict):
+    """How the process runs, never what it computes (``engine/runtime.py``)."""
+
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of torch's intra-op pool (torch.set_num_threads); null leaves torch's default, one per core, or OMP_NUM_THREADS when set"
+    )
+
+
 class RunConfig(_Strict):
     """Everything one run needs; the resolved copy is saved as ``config.yaml`` in the run dir."""
 
@@ -197,6 +205,7 @@ class RunConfig(_Strict):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     query_cache: QueryCacheConfig = Field(default_factory=QueryCacheConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @field_validator("name")
     @classmethod

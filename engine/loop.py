@@ -479,6 +479,9 @@ class ContinualLoop(_Loop):
         steps = cfg.train.epochs * math.ceil(len(exp.train) / cfg.train.batch_size)
         schedules = {"cosine": lambda o: cosine_schedule(o, steps), "cosine_epoch": lambda o: cosine_epoch_schedule(o, cfg.train.epochs)}
         self.scheduler = schedules[cfg.train.scheduler](s.optimizer) if cfg.train.scheduler in schedules and s.optimizer is not None else None
+        from .optim import log_effective_lrs  # the learning rate each group really trains at
+
+        log_effective_lrs(s.optimizer, cfg.train.optimizer.lr, self.logger if s.dist.is_main else None, s.step, i)
         return self._allowed(s.seen_classes)
 
     def _train_experience(self, i: int) -> None:

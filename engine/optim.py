@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(groups: list[dict[str, Any]], options: Any) -> torch.optim.Optimizer:
@@ -56,3 +60,39 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict[s
             state = saved.get(f"{name}/{i}")
             if state is not None:
                 optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and k != "step" else v for k, v in state.items()}
+
+
+def effective_lrs(optimizer: torch.optim.Optimizer, configured_lr: float) -> list[dict[str, Any]]:
+    """The learning rate each parameter group trains at, and who set it.
+
+    A group whose ``lr`` differs from ``train.optimizer.lr`` was given its own rate by the
+    strategy that declared it (``group["strategy"]``), such as l2p's batch-scaled 0.03.
+    """
+    out = []
+    for g, group in enumerate(optimizer.param_groups):
+        lr = float(group["lr"])
+        own = not math.isclose(lr, float(configured_lr), rel_tol=1e-9, abs_tol=0.0)
+        strategy = group.get("strategy")
+        out.append(
+            {
+                "name": str(group.get("name", f"group{g}")),
+                "role": str(group.get("role", "other")),
+                "lr": lr,
+                "set_by": f"strategy {strategy}" if own and strategy and strategy != "?" else "a strategy" if own else "train.optimizer.lr",
+                "params": sum(p.numel() for p in group["params"]),
+            }
+        )
+    return out
+
+
+def log_effective_lrs(optimizer: torch.optim.Optimizer | None, configured_lr: float, logger: Any, step: int, experience: int) -> list[dict[str, Any]]:
+    """One INFO line per parameter group (name, role, lr, who set it) and an ``optimizer``
+    record in ``metrics.jsonl``; called at the start of every experience."""
+    if optimizer is None:
+        return []
+    groups = effective_lrs(optimizer, configured_lr)
+    for group in groups:
+        log.info("experience %d: parameter group '%s' (role %s, %d parameters) trains at lr %.6g, set by %s", experience, group["name"], group["role"], group["params"], group["lr"], group["set_by"])
+    if logger is not None:
+        logger.log("optimizer", step, experience=experience, configured_lr=float(configured_lr), groups=groups)
+    return groups
