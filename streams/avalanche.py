@@ -44,7 +44,7 @@ the final average accuracy is the shared-set accuracy after the last experience 
 incremental accuracy its mean over the rows. The later columns are listed under
 ``empty_test_experiences``; forgetting and backward transfer, which need an entry in every
 earlier column, are left null rather than computed over copies of one column (the drop on the
-shared set is ``max_i a[i, 0] - a[T-1, 0]``, read from column 0).
+shared set is ``max_{i<T-1} a[i, 0] - a[T-1, 0]``, read from column 0).
 
 Online streams: the sub-experiences of ``split_online_stream`` (``OnlineCLExperience``,
 ContinualAI/avalanche avalanche/benchmarks/scenarios/online.py:106) are grouped back by their

@@ -267,3 +267,18 @@ def test_real_ni_benchmark_is_domain_incremental_with_one_test_column(tmp_path, 
 
     with pytest.raises(StreamError, match="task label per train experience but one shared test set"):
         from_avalanche(ni_benchmark(train, test, n_experiences=2, task_labels=True, seed=0))
+
+
+@needs_avalanche
+def test_real_new_api_generators_map_to_their_stream_kinds():
+    from avalanche.benchmarks import benchmark_from_datasets, class_incremental_benchmark, new_instances_benchmark, task_incremental_benchmark
+    from avalanche.benchmarks.utils import as_classification_dataset
+
+    data = as_classification_dataset(_Tensors(range(4), 5))
+    stream = from_avalanche(class_incremental_benchmark({"train": data, "test": data}, num_experiences=2, class_order=[3, 1, 0, 2]))
+    assert stream.scenario == "class_incremental" and [e.classes for e in stream] == [[1, 3], [0, 2]] and [len(e.test) for e in stream] == [10, 10]
+    stream = from_avalanche(new_instances_benchmark(data, data, num_experiences=2, seed=0))
+    assert stream.scenario == "domain_incremental" and [len(e.test) for e in stream] == [20, 0]
+    halves = [as_classification_dataset(_Tensors([0, 1], 2, seed=k)) for k in range(2)]
+    stream = from_avalanche(task_incremental_benchmark(benchmark_from_datasets(train=halves, test=halves)))
+    assert stream.scenario == "task_incremental" and [e.task_id for e in stream] == [0, 1] and [e.classes for e in stream] == [[0, 1], [0, 1]]
