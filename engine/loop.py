@@ -601,7 +601,8 @@ class ContinualLoop(_Loop):
                 log.warning("Experience %d has no test images: it is left out of the accuracy averages (summary.json lists it under empty_test_experiences).", exp.index)
             return None
         s.eval_experience = exp
-        correct = torch.zeros((), dtype=torch.long, device=s.device)
+        # [correct predictions, batches with NaN logits], summed on the device, read once
+        tally = torch.zeros(2, dtype=torch.long, device=s.device)
         total = 0
         for b, batch in enumerate(_batches(exp.test, cfg.eval.batch_size, False, None, cfg.train.num_workers)):
             s.batch_index = b
@@ -610,9 +611,17 @@ class ContinualLoop(_Loop):
             if images.shape[0] == 0:
                 continue
             logits = self.eval_step(images, targets, extras, allowed)
-            correct += (logits.argmax(dim=1) == s.targets).sum()
-        s.dist.all_reduce_(correct, "the evaluation reduction")
-        return 100.0 * float(correct) / max(total, 1)
+            tally[0] += (logits.argmax(dim=1) == s.targets).sum()
+            tally[1] += torch.isnan(logits).any()  # argmax of NaN logits is a silent, meaningless class
+        s.dist.all_reduce_(tally, "the evaluation reduction")
+        correct, nan_batches = tally.tolist()
+        if nan_batches:
+            names = ", ".join(repr(name) for name, _ in self.strategies) or "none"
+            raise PluginError(
+                f"Evaluating experience {exp.index} gave NaN logits in {nan_batches} batch(es), so its accuracy would be meaningless; "
+                f"a strategy's state (strategies: {names}) or the head is not finite: fix the strategy, or lower the learning rate."
+            )
+        return 100.0 * correct / max(total, 1)
 
     def _evaluate(self, i: int) -> None:
         """Accuracy row ``i``: every seen experience, and future ones when asked.

@@ -166,3 +166,21 @@ def test_a_diverging_learning_rate_is_not_blamed_on_a_masked_target(tmp_path, ma
             run.fit()
     msg = str(info.value)
     assert "'ce'" in msg and "'finetune'" in msg and "learning rate" in msg and "masked" not in msg
+
+
+def test_nan_logits_in_evaluation_stop_the_run(tmp_path, make_config):
+    class NaNHeadAtEval:
+        """No training; poisons the head before the evaluation (a strategy state gone bad)."""
+
+        @hookimpl
+        def experience_end(self, state: State) -> None:
+            with torch.no_grad():
+                next(state.head.parameters()).fill_(float("nan"))
+
+    registry = registry_with(finetune_then_nan=NaNHeadAtEval)
+    config = make_config(strategies=["finetune", "finetune_then_nan"])
+    with build(config, run_dir=tmp_path / "run", registry=registry) as run:
+        with pytest.raises(PluginError, match="NaN logits") as info:
+            run.fit()
+    assert "'finetune_then_nan'" in str(info.value)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
