@@ -1,0 +1,230 @@
+"""Export a finished run and serve it: the served model reproduces the run's evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from driftprompt.engine import CheckpointError
+from driftprompt.engine.adapter import OnlineAdapter
+from driftprompt.engine.cli import main
+from driftprompt.engine.config import validate
+from driftprompt.engine.export import export_run, load_export
+from driftprompt.engine.run import build
+
+from ..conftest import TINY_OPTIONS, tiny_config
+
+L2P = {"name": "l2p", **TINY_OPTIONS["l2p"]}
+
+
+def _train(tmp_path: Path, strategy, name: str = "trained", **changes) -> tuple[Path, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Train a tiny run; returns its directory and the (images, logits) of its final evaluation."""
+    run_dir = tmp_path / name
+    with build(validate(tiny_config(strategies=[strategy], **changes)), run_dir=run_dir) as run:
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        original = run.loop.eval_step
+
+        def recording(images, targets, extras, allowed):
+            logits = original(images, targets, extras, allowed)
+            seen.append((images.clone(), logits.detach().clone()))
+            return logits
+
+        run.loop.eval_step = recording  # type: ignore[method-assign]
+        run.fit()
+        n = len(run.stream)
+    return run_dir, seen[-n:]  # the evaluation after the last experience: one batch per experience
+
+
+def _served(adapter: OnlineAdapter, images: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for image in images:
+        (p,) = adapter.predict([image])
+        assert p.ok, p.error
+        rows.append(adapter.state.logits.detach()[0].clone())
+        torch.testing.assert_close(p.probs, rows[-1].float().softmax(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("strategy", ["finetune", L2P], ids=["finetune", "l2p"])
+def test_the_export_serves_the_runs_evaluation_logits(tmp_path, strategy):
+    run_dir, evaluated = _train(tmp_path, strategy)
+    out = export_run(run_dir, tmp_path / "model.safetensors")
+    adapter = OnlineAdapter.from_export(out)
+    for images, logits in evaluated:
+        served = _served(adapter, images)
+        torch.testing.assert_close(served, logits, rtol=0, atol=1e-6)
+        assert torch.equal(served.argmax(1), logits.argmax(1))
+    # the run's directory serves the same model without a file in between
+    direct = OnlineAdapter.from_run(run_dir)
+    images, logits = evaluated[0]
+    torch.testing.assert_close(_served(direct, images), logits, rtol=0, atol=1e-6)
+
+
+def test_l2p_is_served_with_its_trained_prompts_and_key_matching(tmp_path):
+    run_dir, evaluated = _train(tmp_path, L2P)
+    export = load_export(export_run(run_dir, tmp_path / "model.safetensors"))
+    state = export.states["l2p"]
+    assert state["params"]["prompts"].shape == (4, 2, 32) and state["extra"]["counts"].sum() > 0
+    adapter = OnlineAdapter.from_export(tmp_path / "model.safetensors")
+    (_, l2p), = [(n, p) for n, p in adapter.strategies if n == "l2p"]
+    torch.testing.assert_close(l2p.inner.params["prompt_keys"].detach(), state["params"]["prompt_keys"])
+    assert not l2p.inner.params["prompts"].requires_grad  # a deployed strategy is never trained
+    images, logits = evaluated[-1]
+    # the prompts matter: a fresh (untrained) pool gives other logits
+    fresh = OnlineAdapter.from_export(tmp_path / "model.safetensors")
+    with torch.no_grad():
+        fresh.strategies[0][1].inner.params["prompts"].uniform_(-1, 1)
+    assert not torch.allclose(_served(fresh, images), logits, atol=1e-4)
+    torch.testing.assert_close(_served(adapter, images), logits, rtol=0, atol=1e-6)
+
+
+def test_the_file_is_plain_safetensors_with_string_metadata(tmp_path):
+    from safetensors import safe_open
+
+    run_dir, _ = _train(tmp_path, L2P)
+    out = export_run(run_dir, tmp_path / "model.safetensors")
+    raw = out.read_bytes()
+    assert b"\x80\x04" not in raw[:16] and not raw.startswith(b"PK")  # neither a pickle nor a torch zip
+    with safe_open(str(out), framework="pt") as handle:
+        meta = handle.metadata()
+        keys = set(handle.keys())
+    assert {"head.weight", "head.bias", "strategies.l2p.params.prompts", "strategies.l2p.params.prompt_keys"} <= keys
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["format"] == "driftprompt-export" and meta["format_version"] == "1"
+    backbone = json.loads(meta["backbone"])
+    assert backbone["fingerprint"]["name"] == "vit_small_patch16_224" and backbone["seed"] == 0 and len(backbone["weights_sha256"]) == 64
+    assert json.loads(meta["class_names"]) == [f"class {i}" for i in range(4)] or len(json.loads(meta["class_names"])) == 4
+    pre = json.loads(meta["preprocessing"])
+    assert pre["image_size"] == [16, 16] and len(pre["mean"]) == 3
+    assert [s["name"] for s in json.loads(meta["strategies"])] == ["l2p"]
+    assert json.loads(meta["config"])["strategies"][0]["options"]["pool_size"] == 4
+
+
+@pytest.mark.parametrize("status", ["failed", "interrupted", "missing"])
+def test_a_run_that_did_not_finish_is_refused(tmp_path, status):
+    run_dir, _ = _train(tmp_path, "finetune")
+    if status == "missing":
+        (run_dir / "summary.json").unlink()
+    else:
+        (run_dir / "summary.json").write_text(json.dumps({"status": status, "error": "boom"}))
+    with pytest.raises(CheckpointError) as info:
+        export_run(run_dir, tmp_path / "model.safetensors")
+    message = str(info.value)
+    assert "\n" not in message and "--resume" in message and (status in message or "summary.json" in message)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_an_unfinished_checkpoint_and_a_folder_that_is_no_run_are_refused(tmp_path):
+    from driftprompt.engine.checkpoint import atomic_save, load
+
+    run_dir, _ = _train(tmp_path, "finetune")
+    payload = load(run_dir / "checkpoint.pt")
+    payload["next_experience"] = 1
+    atomic_save(payload, run_dir / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="trained 1 of its 2 experiences"):
+        export_run(run_dir, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        export_run(tmp_path / "nowhere", tmp_path / "model.safetensors")
+
+
+def test_another_backbone_is_refused(tmp_path):
+    from driftprompt.engine.backbones import ViTBackbone
+
+    run_dir, _ = _train(tmp_path, "finetune")
+    out = export_run(run_dir, tmp_path / "model.safetensors")
+    kwargs = tiny_config()["backbone"]["kwargs"]
+    torch.manual_seed(123)  # the same architecture with other weights
+    other = ViTBackbone("vit_small_patch16_224", "random", **kwargs)
+    with pytest.raises(CheckpointError, match="weights of backbone .* differ") as info:
+        OnlineAdapter.from_export(out, backbone=other)
+    assert "\n" not in str(info.value)
+    deeper = ViTBackbone("vit_small_patch16_224", "random", **{**kwargs, "depth": 3})
+    with pytest.raises(CheckpointError, match="not the one"):
+        OnlineAdapter.from_export(out, backbone=deeper)
+    # a weights file that is not the trained one, given as the source of the weights
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="differ"):
+        OnlineAdapter.from_export(out, weights=tmp_path / "other.safetensors")
+
+
+def test_other_files_are_refused_with_one_sentence(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="not a driftprompt export"):
+        load_export(tmp_path / "plain.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_export(tmp_path / "text.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "future.safetensors"), metadata={"format": "driftprompt-export", "format_version": "99"})
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_export(tmp_path / "future.safetensors")
+
+
+def test_a_test_time_strategy_adapts_on_top_of_the_served_model(tmp_path):
+    from driftprompt.plugins.vpt_tta import VPTTTA
+
+    run_dir, evaluated = _train(tmp_path, L2P)
+    out = export_run(run_dir, tmp_path / "model.safetensors")
+    adapter = OnlineAdapter.from_export(out, [VPTTTA(prompt_length=2, episodic=False, margin=10.0)], steps=1)
+    l2p = adapter.strategies[0][1].inner
+    before = {k: v.detach().clone() for k, v in l2p.params.items()}
+    images, logits = evaluated[0]
+    results = adapter.predict(list(images))
+    assert all(r.ok for r in results)
+    for k, v in l2p.params.items():
+        assert torch.equal(v, before[k]), k  # the trained prompts stay as trained
+    assert not torch.equal(adapter.strategies[1][1].prompt, adapter.strategies[1][1].init_prompt)  # the test-time prompt moved
+
+
+def test_adapt_runs_with_the_export_as_its_classifier(tmp_path, capsys):
+    run_dir, _ = _train(tmp_path, L2P)
+    out = export_run(run_dir, tmp_path / "model.safetensors")
+    cfg = tiny_config(strategies=[{"name": "vpt_tta", "prompt_length": 2}], test_time={"steps": 1, "batch_size": 1, "head_checkpoint": str(out)})
+    path = tmp_path / "adapt.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["adapt", str(path), "--run-dir", str(tmp_path / "served"), "-q"]) == 0
+    summary = json.loads((tmp_path / "served" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["samples"] == 16
+    assert summary["strategies"] == ["l2p", "vpt_tta"]  # the exported prompt strategy classifies
+
+
+def test_adapt_with_zero_steps_scores_the_export_as_the_run_evaluated_it(tmp_path):
+    run_dir, evaluated = _train(tmp_path, L2P)
+    out = export_run(run_dir, tmp_path / "model.safetensors")
+    cfg = validate(tiny_config(strategies=[], test_time={"steps": 0, "head_checkpoint": str(out)}))
+    with build(cfg, run_dir=None, mode="adapt") as served:
+        result = served.adapt_stream()
+    hits = sum(int((logits.argmax(1) == targets).sum()) for (_, logits), targets in zip(evaluated, _targets()))
+    assert result["samples"] == 16
+    assert result["online_accuracy"] == pytest.approx(100.0 * hits / 16)
+
+
+def _targets() -> list[torch.Tensor]:
+    from driftprompt.engine.plugins import discover
+    from driftprompt.engine.run import build_stream
+    from driftprompt.streams.base import iterate
+
+    stream = build_stream(validate(tiny_config()), discover())
+    return [next(iter(iterate(exp.test, 64)))[1] for exp in stream]
+
+
+def test_adapt_refuses_an_export_of_another_backbone_or_a_strategy_listed_twice(tmp_path, capsys):
+    run_dir, _ = _train(tmp_path, L2P)
+    out = export_run(run_dir, tmp_path / "model.safetensors")
+    cfg = tiny_config(strategies=[{"name": "vpt_tta", "prompt_length": 2}], seed=5, test_time={"head_checkpoint": str(out)})
+    path = tmp_path / "adapt.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["adapt", str(path), "--run-dir", str(tmp_path / "a"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "differ" in err
+    cfg = tiny_config(strategies=[L2P, {"name": "vpt_tta", "prompt_length": 2}], test_time={"head_checkpoint": str(out)})
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["adapt", str(path), "--run-dir", str(tmp_path / "b"), "-q"]) == 2
+    assert "already part of the exported classifier" in capsys.readouterr().err
