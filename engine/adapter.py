@@ -282,5 +282,33 @@ class OnlineAdapter:
                 if name in state.get("strategies", {}) and hasattr(plugin, "load_state_dict"):
                     plugin.load_state_dict(state["strategies"][name])
 
+    @classmethod
+    def from_export(cls, path: Any, strategies: Sequence[Any] | None = None, **options: Any) -> OnlineAdapter:
+        """Serve a file written by ``driftprompt export`` (``engine.export.export_run``).
+
+        The backbone is rebuilt as the run's config says (by name, from a local file, or from
+        the run's seed for ``weights: random``) and refused unless its weights are the trained
+        ones; the trained strategies are rebuilt and loaded, and predict as the run's
+        evaluation did (same logits, L2P's key matching included). ``strategies`` are
+        test-time strategies added on top (``vpt_tta``...).
+
+        Args:
+            path: the ``.safetensors`` export.
+            strategies: test-time plugins, ``(name, plugin)`` pairs or registered names.
+            **options: ``backbone`` (a built backbone to check and use), ``weights`` (another
+                source of the same weights), ``registry``, and ``OnlineAdapter``'s own
+                (``steps``, ``optimizer``, ``device``, ``amp_dtype``, ``batch_size``...).
+        """
+        from .export import build_adapter, load_export
+
+        return build_adapter(cls, load_export(path), strategies, **options)
+
+    @classmethod
+    def from_run(cls, run_dir: Any, strategies: Sequence[Any] | None = None, **options: Any) -> OnlineAdapter:
+        """Serve a finished run's directory directly, as :meth:`from_export` serves its export."""
+        from .export import build_adapter, read_run
+
+        return build_adapter(cls, read_run(run_dir, options.get("registry")), strategies, **options)
+
 
 __all__ = ["OnlineAdapter", "Prediction", "check_image"]

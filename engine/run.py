@@ -411,7 +411,13 @@ def build(
     if mode == "fit":
         check_evaluation(config, strategies, stream, backbone)
     head = nn.Linear(backbone.embed_dim, stream.num_classes).to(device)
-    if config.test_time.head_checkpoint:
+    if config.test_time.head_checkpoint and Path(config.test_time.head_checkpoint).suffix == ".safetensors":
+        # an export (driftprompt export): its head, and its trained prompt strategies ahead of the config's
+        from .export import attach_export
+
+        strategies = attach_export(config.test_time.head_checkpoint, backbone, head, strategies, registry)
+        hooks = Hooks(EngineDefaults(), strategies)
+    elif config.test_time.head_checkpoint:
         payload = load(config.test_time.head_checkpoint)
         try:
             head.load_state_dict(payload["head"])
