@@ -133,6 +133,7 @@ class AvalancheItems(Dataset):
         self.targets = torch.as_tensor([t for d in self.parts for t in _targets(d)], dtype=torch.long)
         self.offset = offset
         self.tags: dict[str, Any] = {} if task_id is None else {"task_id": int(task_id)}
+        self.size: tuple[int, ...] | None = None  # (H, W) of the first item, once checked
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -140,12 +141,20 @@ class AvalancheItems(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
         item = self.parts[k][i - int(self.starts[k])]
-        return _to_image(item[0]), int(item[1]), self.offset + i
+        image = _to_image(item[0])
+        if self.size is not None and tuple(image.shape[1:]) != self.size:
+            raise StreamError(
+                f"The Avalanche images differ in size ({self.size[0]}x{self.size[1]} and {image.shape[1]}x{image.shape[2]}) and cannot be batched raw; "
+                "give the benchmark transform groups that resize without normalising (Resize and PILToTensor) and convert with keep_transforms=True."
+            )
+        return image, int(item[1]), self.offset + i
 
     def check_range(self, where: str) -> None:
-        """Raise :class:`StreamError` when the first item is already normalised."""
+        """Raise :class:`StreamError` when the first item is already normalised; later items must have its size."""
         if len(self):
-            _check_range(self[0][0], where)
+            image = self[0][0]
+            _check_range(image, where)
+            self.size = tuple(image.shape[1:])
 
 
 class _Filtered(Dataset):
