@@ -326,7 +326,7 @@ ROWS = [
     Row("stream_truncated_cache", "delete it", stream_setup("truncated_cache")),
     Row("stream_all_corrupt", "unreadable", stream_setup("all_corrupt")),
     # run directories
-    Row("run_dir_read_only", "run", run_dir_setup("read_only")),
+    Row("run_dir_read_only", "run directory", run_dir_setup("read_only")),
     Row("run_dir_under_a_file", "notes.txt", run_dir_setup("under_file")),
     Row("run_dir_foreign_files", "thesis", run_dir_setup("foreign")),
     Row("run_dir_locked", "busy", run_dir_setup("locked")),
@@ -394,7 +394,8 @@ LAUNCHER = r"""
 import json, os, sys, traceback
 import driftprompt.engine.cli as cli
 import driftprompt.engine.run, driftprompt.streams.builtin, timm
-cli.discover()  # import every built-in plugin module once, before forking
+from driftprompt.engine.plugins import discover
+discover()  # import every built-in plugin module once, before forking
 jobs = json.loads(sys.stdin.read())
 running, done = {}, {}
 def reap():
