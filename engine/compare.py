@@ -288,7 +288,7 @@ def write_csv(comparison: Comparison, path: str | Path) -> Path:
             row: list[Any] = [group.label, len(group.runs), " ".join(str(s) for s in group.seeds)]
             for key, _, _ in FIGURES:
                 mean, std = group.stat(key)
-                row += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
+                row += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}"]
             row.append(" ".join(str(r.path) for r in group.runs))
             writer.writerow(row)
     return path
