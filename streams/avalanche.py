@@ -240,10 +240,10 @@ def scenario_kind(class_sets: Sequence[set[int]], task_labels: Sequence[Sequence
 
 def _streams(benchmark: Any, train_stream: Any, test_stream: Any) -> tuple[Iterable[Any], Iterable[Any]]:
     """The train and test streams: given, else the benchmark's (an ``OnlineCLScenario``'s online and original ones)."""
-    if train_stream is None:
-        train_stream = getattr(benchmark, "train_stream", None) or getattr(benchmark, "train_online_stream", None)
-    if test_stream is None:
-        test_stream = getattr(benchmark, "test_stream", None) or getattr(benchmark, "original_test_stream", None)
+    for name in ("train_stream", "train_online_stream"):
+        train_stream = getattr(benchmark, name, None) if train_stream is None else train_stream
+    for name in ("test_stream", "original_test_stream"):
+        test_stream = getattr(benchmark, name, None) if test_stream is None else test_stream
     if train_stream is None or test_stream is None:
         what = "nothing" if benchmark is None else type(benchmark).__name__
         raise StreamError(f"{what} is not an Avalanche benchmark (no train_stream/test_stream); pass e.g. avalanche.benchmarks.nc_benchmark(...), or train_stream= and test_stream=.")
