@@ -33,7 +33,7 @@ when an entry it needs was never evaluated.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,7 +189,7 @@ def average_incremental_accuracy(acc: np.ndarray) -> float:
     return float(np.mean(steps))
 
 
-def forgetting(acc: np.ndarray) -> float | None:
+def forgetting(acc: np.ndarray, skip: Iterable[int] = ()) -> float | None:
     """Average forgetting after the last experience (Chaudhry et al., 2018).
 
     For each earlier experience ``j < T-1``::
@@ -204,6 +204,9 @@ def forgetting(acc: np.ndarray) -> float | None:
 
     Args:
         acc: Accuracy matrix of shape ``(T, T)`` in percent.
+        skip: experiences left out of the mean, such as those with no test
+            images (an Avalanche new-instances benchmark evaluates its one
+            shared test set in column 0 and leaves the other columns empty).
 
     Returns:
         The average forgetting in percentage points, or ``None`` when
@@ -218,17 +221,20 @@ def forgetting(acc: np.ndarray) -> float | None:
     if num < 2:
         return None
     drops = []
+    skipped = set(skip)
     for j in range(num - 1):
+        if j in skipped:
+            continue
         history = mat[j : num - 1, j]
         history = history[~np.isnan(history)]
         final = mat[num - 1, j]
         if history.size == 0 or math.isnan(final):
             return None
         drops.append(float(history.max()) - float(final))
-    return float(np.mean(drops))
+    return float(np.mean(drops)) if drops else None
 
 
-def backward_transfer(acc: np.ndarray) -> float | None:
+def backward_transfer(acc: np.ndarray, skip: Iterable[int] = ()) -> float | None:
     """Backward transfer (Lopez-Paz & Ranzato, GEM, NeurIPS 2017).
 
     ``BWT = (1/(T-1)) sum_{j=0..T-2} (acc[T-1, j] - acc[j, j])``. Negative
@@ -237,6 +243,7 @@ def backward_transfer(acc: np.ndarray) -> float | None:
 
     Args:
         acc: Accuracy matrix of shape ``(T, T)`` in percent.
+        skip: experiences left out of the mean (see :func:`forgetting`).
 
     Returns:
         The backward transfer in percentage points, or ``None`` when
@@ -249,7 +256,10 @@ def backward_transfer(acc: np.ndarray) -> float | None:
     num = mat.shape[0]
     if num < 2:
         return None
-    idx = np.arange(num - 1)
+    skipped = set(skip)
+    idx = np.array([j for j in range(num - 1) if j not in skipped], dtype=np.int64)
+    if idx.size == 0:
+        return None
     diffs = mat[num - 1, idx] - mat[idx, idx]
     if np.isnan(diffs).any():
         return None
@@ -296,6 +306,7 @@ def forward_transfer(acc: np.ndarray, baseline: Sequence[float | None] | np.ndar
 def summarize(
     acc: np.ndarray,
     baseline: Sequence[float | None] | np.ndarray | None = None,
+    skip: Iterable[int] = (),
 ) -> dict[str, float | None]:
     """Computes every accuracy-matrix metric at once.
 
@@ -303,6 +314,8 @@ def summarize(
         acc: Accuracy matrix of shape ``(T, T)`` in percent.
         baseline: Optional untrained-model accuracies for forward transfer
             (see :func:`forward_transfer`).
+        skip: experiences with no test images, left out of forgetting and
+            backward transfer.
 
     Returns:
         A dict with keys ``"final_average_accuracy"``,
@@ -318,8 +331,8 @@ def summarize(
     return {
         "final_average_accuracy": final_average_accuracy(mat),
         "average_incremental_accuracy": average_incremental_accuracy(mat),
-        "forgetting": forgetting(mat),
-        "backward_transfer": backward_transfer(mat),
+        "forgetting": forgetting(mat, skip),
+        "backward_transfer": backward_transfer(mat, skip),
         "forward_transfer": forward_transfer(mat, baseline),
         "num_experiences": int(mat.shape[0]),
     }
@@ -583,7 +596,7 @@ class AccuracyMatrix:
             raise ValueError("The accuracy matrix is empty; record at least one accuracy before summarising.")
         if baseline is not None:
             baseline = _as_baseline(baseline, k)
-        out: dict[str, Any] = summarize(self._acc[:k, :k], baseline)
+        out: dict[str, Any] = summarize(self._acc[:k, :k], baseline, skip=self.empty)
         if self.empty:
             out["empty_test_experiences"] = sorted(self.empty)
         out.update(self.notes)

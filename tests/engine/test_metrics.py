@@ -312,9 +312,26 @@ def test_an_experience_without_test_images_is_left_out_not_zero():
     assert s["empty_test_experiences"] == [1]
     assert s["final_average_accuracy"] == pytest.approx((70.0 + 90.0) / 2)  # not (70 + 0 + 90) / 3
     assert s["average_incremental_accuracy"] == pytest.approx((90.0 + 80.0 + 80.0) / 3)
+    # forgetting and BWT are taken over the experiences that have test images, not refused
+    assert s["forgetting"] == pytest.approx(90.0 - 70.0)
+    assert s["backward_transfer"] == pytest.approx(70.0 - 90.0)
     # the empty experience survives a round trip through the checkpoint's lists
     assert AccuracyMatrix.from_list(m.to_list()).summary()["empty_test_experiences"] == [1]
     assert "empty_test_experiences" not in AccuracyMatrix.from_list([[50.0, None], [40.0, 60.0]]).summary()
+
+
+def test_a_shared_test_set_in_column_zero_gives_forgetting_over_that_column():
+    # new-instances streams evaluate one shared test set: the other columns are empty
+    m = AccuracyMatrix(3)
+    for j in (1, 2):
+        m.mark_empty(j)
+    for i, value in enumerate((60.0, 75.0, 70.0)):
+        for j in range(i + 1):
+            m.set(i, j, value if j == 0 else NAN)
+    s = m.summary()
+    assert s["forgetting"] == pytest.approx(75.0 - 70.0)
+    assert s["backward_transfer"] == pytest.approx(70.0 - 60.0)
+    assert s["final_average_accuracy"] == pytest.approx(70.0)
 
 
 def test_summary_reports_run_notes():
