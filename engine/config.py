@@ -121,7 +121,7 @@ class TestTimeConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(**TestTimeConfig.default_optimizer()), description="merged onto AdamW, lr 5e-3, weight decay 0.01 (TPT's torch.optim.AdamW(params, lr))")
     reset_optimizer: bool = Field(True, description="fresh optimizer state for every sample")
     episodic: bool = Field(False, description="samples are independent (strategies reset per sample): processes may share the stream out")
-    head_checkpoint: str | None = Field(None, description="a driftprompt checkpoint.pt whose trained head the deployed classifier uses")
+    head_checkpoint: str | None = Field(None, description="a driftprompt checkpoint.pt whose trained head the deployed classifier uses, or a .safetensors file from 'driftprompt export', whose head and trained prompt strategies classify")
 
     @staticmethod
     def default_optimizer() -> dict[str, Any]:
