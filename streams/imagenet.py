@@ -33,7 +33,8 @@ import torch
 
 from driftprompt.engine.errors import StreamError
 
-from .folders import _DECODE_ERRORS, IMAGE_EXTENSIONS, ImageFileDataset
+from .base import UnreadableImageError
+from .folders import _DECODE_ERRORS, IMAGE_EXTENSIONS, ImageFileDataset, to_rgb
 
 VARIANTS = ("imagenet", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch")
 _DATA = Path(__file__).with_name("data") / "imagenet_classes.json"
@@ -92,12 +93,13 @@ class RawImageFileDataset(ImageFileDataset):
 
         try:
             with Image.open(self.files[i]) as img:
-                img = img.convert("RGB")
+                img = to_rgb(img)  # 16-bit images scaled to 8 bits, not clipped white
                 square = TF.center_crop(TF.resize(img, [self.image_size], interpolation=TF.InterpolationMode.BICUBIC), [self.image_size, self.image_size])
                 raw = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
                 sq = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
         except _DECODE_ERRORS as exc:
-            raise StreamError(f"Image '{self.files[i]}' cannot be decoded ({exc}); remove or replace the file.") from exc
+            # skipped and counted by the stream's batching, like a file caught up front
+            raise UnreadableImageError(f"Image '{self.files[i]}' cannot be decoded ({exc}); remove or replace the file.", str(self.files[i])) from exc
         return sq.contiguous(), raw.contiguous()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:

@@ -34,6 +34,7 @@ single-class runs; large gamma approaches i.i.d.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -44,7 +45,9 @@ from torch.utils.data import Dataset
 
 from driftprompt.engine.errors import StreamError
 
-from .base import Experience, Stream, TensorImageDataset
+from .base import Experience, Stream, TensorImageDataset, UnreadableImageError
+
+log = logging.getLogger(__name__)
 
 Transform = Callable[[torch.Tensor, int], torch.Tensor]
 ORDERS = ("sequential", "mixed")
@@ -221,12 +224,34 @@ class TestTimeStream(Stream):
         for item in self._samples():
             pending.append(item)
             if len(pending) == size:
-                batch, last_domain = self._batch(pending, position, last_domain)
+                batch, last_domain = self._readable_batch(pending, position, last_domain)
                 position += len(pending)
                 pending = []
-                yield batch
+                if batch is not None:
+                    yield batch
         if pending:
-            yield self._batch(pending, position, last_domain)[0]
+            batch = self._readable_batch(pending, position, last_domain)[0]
+            if batch is not None:
+                yield batch
+
+    def _readable_batch(self, items: list[tuple[int, int]], position: int, last_domain: int) -> tuple[tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None, int]:
+        """:meth:`_batch`, leaving out (and counting in ``skipped``) images found truncated or
+        corrupt only now that they are decoded; ``None`` when none of them can be read."""
+        try:
+            return self._batch(items, position, last_domain)
+        except UnreadableImageError:
+            pass
+        good = []
+        for k, p in items:
+            try:
+                self.domains[k].images_and_raw(torch.tensor([p]))
+                good.append((k, p))
+            except UnreadableImageError as exc:
+                self.skipped = int(getattr(self, "skipped", 0)) + 1
+                log.warning("Skipped an unreadable test image: %s", exc)
+        if not good:
+            return None, last_domain
+        return self._batch(good, position, last_domain)
 
     def _batch(self, items: list[tuple[int, int]], position: int, last_domain: int) -> tuple[tuple[torch.Tensor, torch.Tensor, dict[str, Any]], int]:
         dom = torch.tensor([k for k, _ in items])

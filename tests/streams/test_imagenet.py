@@ -82,3 +82,24 @@ def test_test_time_batches_carry_the_raw_images_and_clip_style_squares(tmp_path)
         assert torch.equal(img, torch.from_numpy(want.copy()).permute(2, 0, 1))
     plain = imagenet_variant("imagenet_v2", root, image_size=16, keep_raw=False)
     assert not hasattr(plain, "decode_with_raw")
+
+
+def test_a_truncated_test_image_is_skipped_and_a_16_bit_one_is_not_white(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "v2"
+    for n in ("0", "1", "2"):
+        (root / n).mkdir(parents=True)
+    Image.new("RGB", (20, 16), (9, 0, 0)).save(root / "0" / "0.png")
+    grey16 = (np.full((16, 20), 128 * 256, dtype=np.uint16))  # mid-grey at 16 bits
+    Image.fromarray(grey16).save(root / "1" / "0.png")
+    Image.new("RGB", (200, 160), (5, 5, 5)).save(root / "2" / "0.png")
+    data = (root / "2" / "0.png").read_bytes()
+    (root / "2" / "0.png").write_bytes(data[: len(data) // 2])  # header intact, pixels cut off
+    stream = imagenet_test_time("imagenet_v2", path=str(root), image_size=8, batch_size=3, shuffle=False)
+    batches = list(stream.batches())
+    assert len(batches) == 1
+    images, targets, extras = batches[0]
+    assert targets.tolist() == [0, 1] and len(extras["raw"]) == 2
+    assert int(images[1].float().mean()) == 128  # scaled to 8 bits, not clipped to 255
+    assert stream.skipped == 1
