@@ -30,7 +30,14 @@ from PIL import Image, ImageDraw
 from .errors import naming
 
 __all__ = [
+    "ENGINE_METRICS",
+    "OnlineCurves",
     "RunLogger",
+    "TrainCurves",
+    "accuracy_curves",
+    "format_experience_line",
+    "scalars",
+    "strategy_metrics",
     "format_accuracy_matrix",
     "format_summary",
     "read_jsonl",
@@ -40,6 +47,7 @@ __all__ = [
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+EXPERIENCE_TB_DIR = "by_experience"  # inside TENSORBOARD_DIR: the curves whose x is the experience
 
 _NAN_RGB = (128, 128, 128)
 _BACKGROUND_RGB = (255, 255, 255)
@@ -97,21 +105,35 @@ def _draw_centered(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], te
     draw.text((x, y), text, fill=fill)
 
 
+ROW_AXIS_LABEL = "after training experience i"
+COLUMN_AXIS_LABEL = "evaluated on experience j"
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text)
+    return right - left, bottom - top
+
+
 def render_accuracy_matrix(acc: np.ndarray, cell: int = 40) -> np.ndarray:
-    """Renders an accuracy matrix as a heatmap image.
+    """Renders an accuracy matrix as a heatmap image with labelled axes.
 
     Each cell is coloured on a dark-to-light ramp by ``value / 100`` and shows
     its value (one decimal for ``cell >= 32``, none for smaller cells, no text
-    below 16 pixels); ``NaN`` cells are grey and show ``-``. The first row and
-    column hold the evaluated-experience (column) and trained-experience (row)
-    indices.
+    below 16 pixels); ``NaN`` cells are grey and show ``-``. The rows are the
+    trained experiences, titled ``"after training experience i"`` (written
+    upwards along the left edge) with ``i`` as tick labels; the columns are
+    the evaluated experiences, titled ``"evaluated on experience j"`` along the
+    top edge with ``j`` as tick labels.
 
     Args:
         acc: Accuracy matrix of shape ``(R, C)`` in percent (``NaN`` = unset).
         cell: Side of one cell in pixels (at least 8).
 
     Returns:
-        An RGB ``uint8`` image of shape ``((R + 1) * cell, (C + 1) * cell, 3)``.
+        An RGB ``uint8`` image of ``(R + 1) x (C + 1)`` cells (the tick labels, then the
+        matrix) below and right of a band one line of axis title high (about 16 pixels);
+        the canvas is widened (or heightened) when an axis title is longer than the
+        matrix, so that it is never cut.
 
     Raises:
         ValueError: If ``acc`` is not 2-D or ``cell < 8``.
@@ -121,21 +143,33 @@ def render_accuracy_matrix(acc: np.ndarray, cell: int = 40) -> np.ndarray:
         raise ValueError(f"`cell` must be an integer of at least 8 pixels, but got {cell!r}.")
     cell = int(cell)
     rows, cols = mat.shape
-    image = Image.new("RGB", ((cols + 1) * cell, (rows + 1) * cell), _BACKGROUND_RGB)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    band = _text_size(probe, "Ag")[1] + 6  # one line of axis title, with a margin
+    width = band + cell + max(cols * cell, _text_size(probe, COLUMN_AXIS_LABEL)[0] + 8)
+    height = band + cell + max(rows * cell, _text_size(probe, ROW_AXIS_LABEL)[0] + 8)
+    image = Image.new("RGB", (width, height), _BACKGROUND_RGB)
     draw = ImageDraw.Draw(image)
     show_text = cell >= 16
     fmt = "{:.1f}" if cell >= 32 else "{:.0f}"
+    ox, oy = band + cell, band + cell  # top-left corner of cell (0, 0)
+
+    # axis titles: the columns' across the top, the rows' written upwards on the left
+    _draw_centered(draw, (ox, 0, max(ox + cols * cell, band + cell + _text_size(probe, COLUMN_AXIS_LABEL)[0] + 8), band), COLUMN_AXIS_LABEL, _LABEL_RGB)
+    label_w = _text_size(probe, ROW_AXIS_LABEL)[0]
+    strip = Image.new("RGB", (label_w + 4, band), _BACKGROUND_RGB)
+    _draw_centered(ImageDraw.Draw(strip), (0, 0, label_w + 4, band), ROW_AXIS_LABEL, _LABEL_RGB)
+    strip = strip.rotate(90, expand=True)  # now band wide, label_w + 4 tall
+    top = oy + max(0, (rows * cell - strip.height) // 2)
+    image.paste(strip.crop((0, 0, band, min(strip.height, height - top))), (0, top))
 
     for j in range(cols):
-        x0 = (j + 1) * cell
-        if show_text:
-            _draw_centered(draw, (x0, 0, x0 + cell, cell), str(j), _LABEL_RGB)
+        x0 = ox + j * cell
+        _draw_centered(draw, (x0, band, x0 + cell, oy), str(j), _LABEL_RGB)
     for i in range(rows):
-        y0 = (i + 1) * cell
-        if show_text:
-            _draw_centered(draw, (0, y0, cell, y0 + cell), str(i), _LABEL_RGB)
+        y0 = oy + i * cell
+        _draw_centered(draw, (band, y0, ox, y0 + cell), str(i), _LABEL_RGB)
         for j in range(cols):
-            x0 = (j + 1) * cell
+            x0 = ox + j * cell
             value = float(mat[i, j])
             colour = _ramp_colour(value)
             draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=colour, outline=_BACKGROUND_RGB)
@@ -347,7 +381,16 @@ class RunLogger:
         ...     log.log_accuracy_matrix(acc, step=1)
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, jsonl: bool = True, *, truncate_to: int | None = None, purge_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        jsonl: bool = True,
+        *,
+        truncate_to: int | None = None,
+        purge_step: int | None = None,
+        purge_experience: int | None = None,
+    ) -> None:
         """Opens (or resumes) a run directory.
 
         Args:
@@ -362,6 +405,8 @@ class RunLogger:
                 cut is atomic (a copy of the kept bytes renamed over the file).
             purge_step: a resumed run: TensorBoard drops events at or after this step from
                 earlier event files (``SummaryWriter(purge_step=...)``).
+            purge_experience: a resumed run: the same for the curves indexed by experience
+                (``tensorboard/by_experience``), from the experience the run continues with.
         """
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -369,6 +414,8 @@ class RunLogger:
         self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR
         self._use_tensorboard = bool(tensorboard)
         self._writer: Any = None
+        self._experience_writer: Any = None
+        self._purge_experience = purge_experience
         self._lock = threading.Lock()
         self._closed = False
         self._file = None
@@ -397,11 +444,22 @@ class RunLogger:
         if self._closed:
             raise ValueError(f"The RunLogger for {self.run_dir} is closed.")
 
-    def _tb(self) -> Any:
-        """Returns the SummaryWriter, creating it on first use (or ``None``)."""
+    def _tb(self, axis: str = "step") -> Any:
+        """Returns the SummaryWriter of ``axis``, creating it on first use (or ``None``).
+
+        ``"step"``: ``tensorboard/``, whose x axis is the optimizer step (or the test sample);
+        ``"experience"``: ``tensorboard/by_experience``, whose x axis is the experience index.
+        Two writers, because a resumed run purges each axis from its own position.
+        """
         global _tensorboard_warned
         if not self._use_tensorboard:
             return None
+        if axis == "experience":
+            if self._experience_writer is None and self._tb() is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._experience_writer = SummaryWriter(log_dir=str(self.tensorboard_dir / EXPERIENCE_TB_DIR), purge_step=self._purge_experience)
+            return self._experience_writer
         if self._writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -462,6 +520,48 @@ class RunLogger:
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         writer.add_scalar(f"{kind}/{key}", value, global_step=step, walltime=now)
 
+    def log_scalars(self, kind: str, step: int, values: Mapping[str, Any], *, axis: str = "step", jsonl: bool = True, extra: Mapping[str, Any] | None = None) -> None:
+        """Logs values under their own names as TensorBoard tags (no ``kind`` prefix).
+
+        The JSONL line is ``{"kind": kind, "step": step, "time": ..., **values}``; every
+        value that is a finite int or float (not a bool) is also the TensorBoard scalar
+        named by its key (e.g. ``"loss/total"``) at ``step``. Other values (lists, dicts,
+        strings) stay in the JSONL line.
+
+        Args:
+            kind: Record type, e.g. ``"step"`` or ``"online"``.
+            step: The x value: an optimizer step or test sample (``axis="step"``), or an
+                experience index (``axis="experience"``, written to ``tensorboard/by_experience``).
+            values: Tag -> value.
+            axis: ``"step"`` or ``"experience"``.
+            jsonl: Also write the JSONL line (``False`` when another record already holds
+                the values).
+            extra: Fields of the JSONL line only (never TensorBoard), e.g. ``experience``.
+
+        Raises:
+            ValueError: If the logger is closed, ``kind`` is empty, ``axis`` is unknown, or a
+                value uses one of the record's own keys (``kind``, ``step``, ``time``).
+        """
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"`kind` must be a non-empty string, but got {kind!r}.")
+        if axis not in ("step", "experience"):
+            raise ValueError(f"`axis` must be 'step' or 'experience', but got {axis!r}.")
+        reserved = {"kind", "step", "time"} & (set(values) | set(extra or {}))
+        if reserved:
+            raise ValueError(f"The keys {sorted(reserved)} are reserved for the record itself.")
+        step = int(step)
+        now = time.time()
+        clean = {str(key): _to_jsonable(value) for key, value in values.items()}
+        with self._lock:
+            self._check_open()
+            if jsonl:
+                self._write_record({"kind": kind, "step": step, "time": now, **{str(k): _to_jsonable(v) for k, v in (extra or {}).items()}, **clean})
+            writer = self._tb(axis)
+            if writer is not None:
+                for key, value in clean.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        writer.add_scalar(key, value, global_step=step, walltime=now)
+
     def log_accuracy_matrix(self, acc: np.ndarray, step: int, tag: str = "accuracy_matrix") -> None:
         """Logs an accuracy matrix.
 
@@ -501,8 +601,9 @@ class RunLogger:
                 return
             if self._file is not None:
                 self._sync()
-            if self._writer is not None:
-                self._writer.flush()
+            for writer in (self._writer, self._experience_writer):
+                if writer is not None:
+                    writer.flush()
 
     def close(self) -> None:
         """Flushes and closes all outputs; calling it again does nothing."""
@@ -511,10 +612,11 @@ class RunLogger:
                 return
             self._closed = True
             try:
-                if self._writer is not None:
-                    self._writer.close()
+                for writer in (self._experience_writer, self._writer):
+                    if writer is not None:
+                        writer.close()
             finally:
-                self._writer = None
+                self._writer = self._experience_writer = None
                 if self._file is not None:
                     try:
                         self._sync()
@@ -541,3 +643,268 @@ class RunLogger:
 
     def __repr__(self) -> str:
         return f"RunLogger(run_dir={str(self.run_dir)!r}, closed={self._closed})"
+
+
+# ----------------------------------------------------------------------------
+# Curves: strategy metrics, training steps, test-time online accuracy
+# ----------------------------------------------------------------------------
+
+#: Keys of ``state.metrics`` that the engine itself writes; every other key is a strategy's.
+ENGINE_METRICS = frozenset({"accuracy_matrix", "online"})
+
+
+def strategy_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The strategies' entries of ``state.metrics``, flattened to ``"<strategy>/<name>"`` keys.
+
+    A strategy writes ``state.metrics["<strategy>/<name>"] = value``, or a dict of figures
+    under its own name (``state.metrics["<strategy>"] = {"<name>": value}``), which is read
+    as the same keys (an explicit ``"<strategy>/<name>"`` key wins). The engine's own keys
+    (:data:`ENGINE_METRICS`) are left out. Values are returned as they are (see
+    :func:`scalars` for the TensorBoard subset).
+    """
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key not in ENGINE_METRICS and not (isinstance(value, Mapping) and "/" not in str(key)):
+            out[str(key)] = value
+    for key, value in metrics.items():
+        if key not in ENGINE_METRICS and isinstance(value, Mapping) and "/" not in str(key):
+            for sub, v in value.items():
+                out.setdefault(f"{key}/{sub}", v)
+    return out
+
+
+def scalars(values: Mapping[str, Any]) -> dict[str, float | int]:
+    """The entries of ``values`` that are finite numbers (not booleans): TensorBoard scalars.
+
+    0-dim tensors count (read with one host transfer each: call this at a logging step only).
+    """
+    out: dict[str, float | int] = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            continue
+        value = _to_jsonable(value)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def accuracy_curves(row: Any, trained: int) -> dict[str, float]:
+    """TensorBoard values of accuracy row ``trained``: ``accuracy/exp_<j>`` for every
+    evaluated experience ``j`` and ``accuracy/average`` over the seen ones (``j <= trained``)."""
+    values = [float(v) for v in np.asarray(row, dtype=np.float64).tolist()]
+    out = {f"accuracy/exp_{j}": v for j, v in enumerate(values) if not math.isnan(v)}
+    average = _nanmean(values[: trained + 1])
+    if not math.isnan(average):
+        out["accuracy/average"] = average
+    return out
+
+
+def format_experience_line(trained: int, total: int, row: Any, train_seconds: float, eval_seconds: float) -> str:
+    """One line after an experience, e.g.
+    ``experience 3/10: accuracy [91.2 85.0 80.1] avg 85.4 (train 12.3 s, eval 1.2 s)``.
+
+    ``trained`` is 0-based and shown 1-based; the row shows the seen experiences
+    (``0..trained``), ``-`` where an experience has no test image.
+    """
+    values = [float(v) for v in np.asarray(row, dtype=np.float64).tolist()][: trained + 1]
+    cells = " ".join("-" if math.isnan(v) else f"{v:.1f}" for v in values)
+    average = _nanmean(values)
+    avg = "n/a" if math.isnan(average) else f"{average:.1f}"
+    return f"experience {trained + 1}/{total}: accuracy [{cells}] avg {avg} (train {train_seconds:.1f} s, eval {eval_seconds:.1f} s)"
+
+
+def _lr_values(optimizer: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for index, group in enumerate(getattr(optimizer, "param_groups", None) or []):
+        name = group.get("name", f"group{index}")
+        lr = group.get("lr")
+        if lr is not None:
+            out.setdefault(f"lr/{name}", float(lr))  # groups added later under one name share its rate
+    return out
+
+
+class TrainCurves:
+    """The training curves of the continual loop, accumulated on the device between logging steps.
+
+    :meth:`after_step` folds one optimizer step in with device operations only: the total
+    loss and every named loss term (left out on a step the non-finite guard flagged, as the
+    epoch's mean loss does), and the training accuracy of the batch (argmax of the logits
+    the loss saw, against integer targets). Every ``every`` optimizer steps it reads them
+    all with one host transfer, and logs (kind ``"step"``, x = ``state.step``):
+    ``loss/total``, ``loss/<term>`` (means over the interval's steps), ``train/accuracy``
+    (percent over its samples), ``lr/<group>`` (each parameter group's current rate), and the
+    strategies' scalar metrics (see :func:`strategy_metrics`). In a data-parallel run the
+    figures are those of the logging process's share of each batch.
+
+    Args:
+        every: the interval in optimizer steps (``log.every_steps``).
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = max(int(every), 1)
+        self._new()
+
+    def _new(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.samples = 0
+
+    def observe(self, state: Any, bad: torch.Tensor | None = None) -> None:
+        """Fold the current step in (no host sync)."""
+        if state.loss is None:
+            return
+        with torch.no_grad():
+            values = {"loss/total": state.loss.detach().float().mean()}
+            for name, term in (state.loss_terms or {}).items():
+                values[f"loss/{name}"] = term.detach().float().mean()
+            good = torch.ones((), device=values["loss/total"].device) if bad is None else (~bad).float()
+            for key, value in values.items():
+                if bad is not None:
+                    value = torch.where(bad, torch.zeros_like(value), value)
+                self.sums[key] = value if key not in self.sums else self.sums[key] + value
+                self.counts[key] = good if key not in self.counts else self.counts[key] + good
+            logits, targets = state.logits, state.targets
+            if (
+                isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor)
+                and logits.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
+                and logits.shape[0] == targets.shape[0] and targets.shape[0] > 0
+            ):
+                correct = (logits.detach().argmax(dim=1) == targets).sum().float()
+                self.sums["train/correct"] = correct if "train/correct" not in self.sums else self.sums["train/correct"] + correct
+                self.samples += int(targets.shape[0])
+
+    def read(self, state: Any) -> dict[str, Any]:
+        """The interval's figures (one host transfer), then a new interval; ``{}`` if empty."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        counted = [k for k in keys if k in self.counts]
+        flat = torch.stack([self.sums[k].to(torch.float32) for k in keys] + [self.counts[k] for k in counted]).tolist()
+        sums = dict(zip(keys, flat[: len(keys)]))
+        counts = dict(zip(counted, flat[len(keys) :]))
+        out: dict[str, Any] = {k: (sums[k] / counts[k] if counts[k] > 0 else None) for k in counted}
+        if self.samples:
+            out["train/accuracy"] = 100.0 * sums["train/correct"] / self.samples
+        out.update(_lr_values(state.optimizer))
+        out.update(scalars(strategy_metrics(state.metrics)))
+        self._new()
+        return out
+
+    def after_step(self, state: Any, bad: torch.Tensor | None, logger: RunLogger | None) -> dict[str, Any] | None:
+        """:meth:`observe`, then at every ``every``-th optimizer step read and log; returns
+        the figures read (for a progress bar), or ``None`` when this step logged nothing."""
+        self.observe(state, bad)
+        if state.step % self.every != 0:
+            return None
+        return self.flush(state, logger)
+
+    def flush(self, state: Any, logger: RunLogger | None) -> dict[str, Any] | None:
+        """Read and log what the interval holds so far (the end of an experience)."""
+        values = self.read(state)
+        if not values:
+            return None
+        if logger is not None:
+            logger.log_scalars("step", state.step, values)
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open interval, on the CPU (for a mid-experience checkpoint)."""
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "counts": {k: v.detach().cpu() for k, v in self.counts.items()}, "samples": self.samples}
+
+    def load_state_dict(self, saved: dict[str, Any] | None, device: torch.device) -> None:
+        """Continue the interval that :meth:`state_dict` saved (``None``: a new one)."""
+        self._new()
+        if saved:
+            self.sums = {k: v.to(device) for k, v in saved["sums"].items()}
+            self.counts = {k: v.to(device) for k, v in saved["counts"].items()}
+            self.samples = int(saved["samples"])
+
+
+class OnlineCurves:
+    """Running online accuracy of the test-time loop, overall and per domain, with the
+    strategies' scalar metrics and every collapse-guard reset.
+
+    Predictions are already on the host there (the loop scores each sample), so this is
+    plain counting. Every ``every`` test batches (samples, in a sample-wise stream) it logs
+    (kind ``"online"``, x = samples predicted so far) ``online/accuracy``,
+    ``online/domain/<domain>`` and the strategies' scalars. Whenever a strategy's
+    ``"<strategy>/collapse_resets"`` metric grows, it logs a ``"collapse"`` record at that
+    sample with the new count (TensorBoard: ``<strategy>/collapse_resets``).
+
+    Args:
+        every: the interval in test batches (``log.every_steps``).
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = max(int(every), 1)
+        self.units = self.samples = self.correct = 0
+        self.per_domain: dict[str, list[int]] = {}
+        self.resets: dict[str, Any] = {}
+        self._logged_at = 0
+
+    def update(self, done: int, hits: list[bool], domains: list[str] | None) -> None:
+        """Count one test batch: ``done`` samples predicted, their hits and domains."""
+        self.units += 1
+        self.samples += int(done)
+        self.correct += int(sum(bool(h) for h in hits))
+        for domain, hit in zip(domains or [], hits):
+            slot = self.per_domain.setdefault(domain, [0, 0])
+            slot[0] += int(bool(hit))
+            slot[1] += 1
+
+    def values(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The running figures (percent) and the strategies' scalar metrics."""
+        out: dict[str, Any] = {"online/accuracy": 100.0 * self.correct / max(self.samples, 1)}
+        for domain, (correct, total) in self.per_domain.items():
+            out[f"online/domain/{domain}"] = 100.0 * correct / max(total, 1)
+        out.update(scalars(strategy_metrics(metrics)))
+        return out
+
+    def after_sample(self, done: int, hits: list[bool], domains: list[str] | None, metrics: Mapping[str, Any], logger: RunLogger | None) -> dict[str, Any] | None:
+        """:meth:`update`, log any new collapse reset, and every ``every`` batches log the
+        running figures; returns them when logged (for a progress bar), else ``None``."""
+        self.update(done, hits, domains)
+        for key, value in metrics.items():
+            if str(key).endswith("/collapse_resets") and isinstance(value, (int, float)) and value != self.resets.get(key, 0):
+                self.resets[key] = value
+                if logger is not None:
+                    logger.log_scalars("collapse", self.samples, {key: value}, extra={"strategy": str(key).split("/")[0]})
+        if self.units % self.every != 0:
+            return None
+        return self._log(metrics, logger)
+
+    def finish(self, metrics: Mapping[str, Any], logger: RunLogger | None) -> None:
+        """Log the last point (only the strategies' scalars, published at the stream's end,
+        when the last batch was already a logging one)."""
+        if not self.samples:
+            return
+        if self._logged_at != self.samples:
+            self._log(metrics, logger)
+        elif logger is not None and scalars(strategy_metrics(metrics)):
+            logger.log_scalars("online", self.samples, scalars(strategy_metrics(metrics)))
+
+    def _log(self, metrics: Mapping[str, Any], logger: RunLogger | None) -> dict[str, Any]:
+        values = self.values(metrics)
+        self._logged_at = self.samples
+        if logger is not None:
+            logger.log_scalars("online", self.samples, values)
+        return values
+
+
+def postfix(values: Mapping[str, Any]) -> dict[str, str]:
+    """A progress bar's postfix from figures already read: the loss and the accuracy."""
+    out: dict[str, str] = {}
+    loss = values.get("loss/total")
+    if isinstance(loss, float):
+        out["loss"] = f"{loss:.4g}"
+    acc = values.get("train/accuracy", values.get("online/accuracy"))
+    if isinstance(acc, float):
+        out["acc"] = f"{acc:.1f}"
+    return out

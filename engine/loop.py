@@ -21,6 +21,7 @@ from .config import config_record
 from .errors import CheckpointError, DriftpromptError, PluginError, condense, StreamError
 from .events import Event
 from .hookspecs import hookimpl
+from .loggers import OnlineCurves, TrainCurves, accuracy_curves, format_experience_line, postfix, strategy_metrics
 from .metrics import AccuracyMatrix
 from .optim import build_optimizer, load_optimizer_state_by_name, merge_param_groups, optimizer_state_by_name
 from .plugins import Hooks
@@ -153,7 +154,15 @@ class _Loop:
 
     def _bar(self, iterable: Iterable, total: int | None, desc: str, leave: bool = False) -> Iterator:
         disable = True if not self.state.dist.is_main else None if self.progress is None else not self.progress
-        return iter(tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True))
+        # the innermost bar made last shows the figures read at each logging step
+        self._live_bar = tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True)
+        return iter(self._live_bar)
+
+    def _postfix(self, values: dict[str, Any] | None) -> None:
+        """Show the loss and accuracy just logged on the live progress bar (no extra sync)."""
+        bar = getattr(self, "_live_bar", None)
+        if values and bar is not None and not bar.disable:
+            bar.set_postfix(postfix(values), refresh=False)
 
     def _init(self) -> None:
         """Fire ``init`` once per run, whichever loop (or a resume) gets there first."""
@@ -327,6 +336,7 @@ class ContinualLoop(_Loop):
         state.num_experiences = len(stream)
         state.num_classes = stream.num_classes
         state.metrics["accuracy_matrix"] = self.accuracy
+        self.curves = TrainCurves(config.log.every_steps)  # log.every_steps: device sums, read at logging steps
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -347,7 +357,7 @@ class ContinualLoop(_Loop):
             "optimizer": optimizer_state_by_name(s.optimizer) if s.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if position is not None and self.scheduler is not None else None,
             "rng": rng_state(),
-            "metrics": {"accuracy": self.accuracy.to_list(), "baseline": self.baseline, "timings": self.timings},
+            "metrics": {"accuracy": self.accuracy.to_list(), "baseline": self.baseline, "timings": self.timings, "notes": dict(self.accuracy.notes)},
             # the resolved config, so that --resume can refuse an edited one
             "config": config_record(self.config),
             # metrics.jsonl's size at this point: a resumed run cuts the records written after it
@@ -385,6 +395,7 @@ class ContinualLoop(_Loop):
         self._saved_optimizer = base["optimizer"]
         metrics = base["metrics"]
         restored = AccuracyMatrix.from_list(metrics["accuracy"])
+        restored.notes.update(metrics.get("notes", {}))  # e.g. skipped non-finite steps so far
         self.accuracy = restored
         s.metrics["accuracy_matrix"] = restored
         self.baseline = metrics["baseline"]
@@ -511,6 +522,7 @@ class ContinualLoop(_Loop):
                 self._resume_batch_state()
                 skip, n_batches, images_seen = position["batch"], position["n_batches"], position["images_seen"]
                 loss_sum = position["loss_sum"].to(s.device)
+                self.curves.load_state_dict(position.get("curves"), s.device)
                 started -= position["train_seconds"]
                 position = None
             batches = _batches(exp.train, cfg.train.batch_size, not online, data_generator(cfg.seed, i, epoch), cfg.train.num_workers)
@@ -526,10 +538,11 @@ class ContinualLoop(_Loop):
                     loss = s.loss.detach()  # type: ignore[union-attr]
                     loss_sum += loss if bad is None else torch.where(bad, torch.zeros_like(loss), loss)
                     n_batches += 1
+                    self._postfix(self.curves.after_step(s, bad, self.logger))
                 if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and s.step != self._saved_step:
                     self._saved_step = s.step
                     self.check_numerics(reset=False)  # no checkpoint of a non-finite state
-                    self._save({"epoch": epoch, "batch": b + 1, "n_batches": n_batches, "images_seen": images_seen, "loss_sum": loss_sum.detach().cpu().clone(), "train_seconds": time.perf_counter() - started})
+                    self._save({"epoch": epoch, "batch": b + 1, "n_batches": n_batches, "images_seen": images_seen, "loss_sum": loss_sum.detach().cpu().clone(), "train_seconds": time.perf_counter() - started, "curves": self.curves.state_dict()})
                 if s.stop:
                     break
             # before epoch_end, the evaluation and the checkpoint: nothing sees a NaN state
@@ -546,6 +559,7 @@ class ContinualLoop(_Loop):
             if s.stop:
                 break
         train_seconds = time.perf_counter() - started
+        self.curves.flush(s, self.logger)  # the experience's last steps: its curves end with it
         self.hooks.fire(Event.EXPERIENCE_END, s)
         started = time.perf_counter()
         self._evaluate(i)
@@ -558,6 +572,11 @@ class ContinualLoop(_Loop):
             row = self.accuracy.values[i]
             self.logger.log("experience", s.step, **self.timings[-1], accuracy=[None if math.isnan(v) else float(v) for v in row], **self.accuracy.summary(self.baseline))
             self.logger.log_accuracy_matrix(self.accuracy.values, s.step)
+            self.logger.log_scalars("accuracy", i, accuracy_curves(row, i), axis="experience", jsonl=False)  # x: the experience
+            if strategy_metrics(s.metrics):
+                self.logger.log_scalars("strategy_metrics", s.step, strategy_metrics(s.metrics), extra={"experience": i})
+        if s.dist.is_main:
+            log.info(format_experience_line(i, len(self.stream), self.accuracy.values[i], train_seconds, eval_seconds))
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, extras: dict[str, Any], allowed: torch.Tensor | None) -> torch.Tensor | None:
         """One training batch, from ``batch_start`` to ``batch_end``; returns the loss (or None).
@@ -566,6 +585,9 @@ class ContinualLoop(_Loop):
         that benchmarks time exactly the path a run takes.
         """
         s = self.state
+        from .compile import prepare_step  # train.compile and train.data_on_device, decided once
+
+        prepare_step(s, self.config, getattr(s.experience, "train", None))
         self._total = images.shape[0]
         images, targets, extras = self._share(images, targets, extras)
         self._local = images.shape[0]
@@ -580,6 +602,9 @@ class ContinualLoop(_Loop):
     def eval_step(self, images: torch.Tensor, targets: torch.Tensor, extras: dict[str, Any], allowed: torch.Tensor | None) -> torch.Tensor:
         """One evaluation batch (``eval_batch_start`` to ``eval_batch_end``) without autograd; returns logits."""
         s = self.state
+        from .compile import prepare_step
+
+        prepare_step(s, self.config, getattr(s.eval_experience, "test", None))
         with torch.no_grad():
             self._set_batch(images, targets, extras)
             self.hooks.fire(Event.EVAL_BATCH_START, s)
@@ -734,6 +759,7 @@ class TestTimeLoop(_Loop):
         d = s.dist
         records: list[tuple[int, int, list[bool], list[str] | None]] = []  # (position, samples, hits, domains)
         started = time.perf_counter()
+        online = OnlineCurves(getattr(getattr(s.config, "log", None), "every_steps", 50))  # running accuracy, collapse resets
         for n, (images, targets, extras) in enumerate(self._bar(batches, total, "test samples")):
             # Several processes: independent (episodic) samples are dealt out round-robin; a
             # continual stream is sequential by nature and runs on rank 0 alone.
@@ -750,6 +776,7 @@ class TestTimeLoop(_Loop):
                     break
             domains = extras.get("domain")
             records.append((n, done, hits, [str(x) for x in domains][:done] if domains is not None else None))
+            self._postfix(online.after_sample(done, hits, records[-1][3], s.metrics, self.logger))
             if s.stop:
                 break
         seconds = time.perf_counter() - started
@@ -772,6 +799,7 @@ class TestTimeLoop(_Loop):
         }
         s.metrics["online"] = result
         self.hooks.fire(Event.TEST_STREAM_END, s)
+        online.finish(s.metrics, self.logger)  # the last point, with the metrics published at test_stream_end
         if self.logger is not None:
             self.logger.log("test_time", s.step, **result)
         return result
@@ -826,6 +854,7 @@ class TestTimeLoop(_Loop):
 
 
 def _batches(dataset: Any, batch_size: int, shuffle: bool, generator: torch.Generator | None, num_workers: int) -> Iterator:
+    """Batches of ``dataset``; cut on the device once ``prepare_step`` made it resident there."""
     from driftprompt.streams.base import iterate
 
     return iterate(dataset, batch_size, shuffle, generator, num_workers)

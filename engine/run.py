@@ -18,7 +18,7 @@ from .backbones import ViTBackbone
 from .checkpoint import CHECKPOINT_NAME, REQUIRED_KEYS, load
 from .config import SAFE_TO_CHANGE, RunConfig, changed_keys, dump_config, load_config
 from .errors import CheckpointError, ConfigError, DriftpromptError, PluginError, RunFinished, RunInterrupted, StreamError, condense, describe, describe_os_error, naming, os_cause
-from .loggers import JSONL_NAME, RunLogger
+from .loggers import JSONL_NAME, RunLogger, _to_jsonable, strategy_metrics
 from .loop import ContinualLoop, EngineDefaults, TestTimeLoop, check_evaluation
 from .plugins import Hooks, Registry, discover, instantiate
 from .distributed import init_from_env
@@ -316,6 +316,8 @@ class Run:
             "baseline": self.loop.baseline,
             **matrix.summary(self.loop.baseline),
             "timings": self.loop.timings,
+            # what the strategies put in state.metrics ("<strategy>/<name>"), as they last wrote it
+            "strategy_metrics": _to_jsonable(strategy_metrics(self.state.metrics)),
         }
         if not finished:
             summary["resume"] = f"driftprompt --resume {self.run_dir}"
@@ -331,7 +333,7 @@ class Run:
         result = self._guarded(lambda: loop.run(batches, total))
         if self._writes():
             assert self.run_dir is not None
-            data = {"status": "finished", "name": self.config.name, "strategies": [n for n, _ in self.strategies], **self.state.metrics.get("online", result)}
+            data = {"status": "finished", "name": self.config.name, "strategies": [n for n, _ in self.strategies], **self.state.metrics.get("online", result), "strategy_metrics": _to_jsonable(strategy_metrics(self.state.metrics))}
             self._guarded(lambda: write_summary(self.run_dir, data))
         return result
 
@@ -381,6 +383,7 @@ def build(
     mode: str | None = None,
     metrics_offset: int | None = None,
     purge_step: int | None = None,
+    purge_experience: int | None = None,
 ) -> Run:
     """Build everything a run needs. ``run_dir=None`` keeps the run in memory (no files).
 
@@ -391,7 +394,8 @@ def build(
     Args:
         mode: ``"fit"`` or ``"adapt"`` refuses configs that loop would run without meaning
             (see :func:`check_mode`); ``None`` checks nothing (library use).
-        metrics_offset, purge_step: a resumed run's cut of ``metrics.jsonl`` and TensorBoard.
+        metrics_offset, purge_step, purge_experience: a resumed run's cut of ``metrics.jsonl``
+            and TensorBoard (its step axis, and its experience axis).
     """
     seed_everything(config.seed, config.deterministic)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -440,7 +444,7 @@ def build(
             dump_config(config.model_copy(update={"run_dir": str(path)}), path / "config.yaml")
         # only rank 0 writes logs (and checkpoints, in the loop)
         if path is not None and dist_ctx.is_main:
-            logger = RunLogger(path, tensorboard=config.log.tensorboard, jsonl=config.log.jsonl, truncate_to=metrics_offset if resume else None, purge_step=purge_step if resume else None)
+            logger = RunLogger(path, tensorboard=config.log.tensorboard, jsonl=config.log.jsonl, truncate_to=metrics_offset if resume else None, purge_step=purge_step if resume else None, purge_experience=purge_experience if resume else None)
         state = State(backbone=backbone, head=head, device=device, amp_dtype=amp, config=config, run_dir=path, dist=dist_ctx)
         if getattr(stream, "class_names", None):
             state.plugin_state["class_names"] = list(stream.class_names)  # zero-shot CLIP strategies read them
@@ -485,7 +489,7 @@ def resume(run_dir: str | Path, registry: Registry | None = None) -> Run:
             f"The config in '{path / 'config.yaml'}' differs from the one this run was checkpointed with ({shown}); undo those edits, or start a new run "
             f"(a resumed run may change only {', '.join(k + '.*' if k in ('log', 'distributed', 'checkpoint') else k for k in SAFE_TO_CHANGE)})."
         )
-    run = build(config, path, registry, resume=True, metrics_offset=payload.get("metrics_offset"), purge_step=int(payload["step"]) + 1)
+    run = build(config, path, registry, resume=True, metrics_offset=payload.get("metrics_offset"), purge_step=int(payload["step"]) + 1, purge_experience=int(payload["next_experience"]))
     try:
         run.loop.restore(payload)
         if run.logger is not None:

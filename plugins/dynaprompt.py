@@ -318,6 +318,7 @@ class DynaPrompt(CLIPTestTimeBase):
         self.loss = None
         if state.logits is not None and self.monitor.record(state.logits, state.targets):
             self.reset()
+        state.metrics[f"{NAME}/collapse_resets"] = self.monitor.resets  # the loop logs each new reset
 
     @hookimpl
     def test_stream_end(self, state: State) -> None:

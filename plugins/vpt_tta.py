@@ -233,6 +233,7 @@ class VPTTTA:
             self.samples += int(state.logits.shape[0])
             if self.monitor.record(state.logits, state.targets) and not self.episodic:
                 self.reset(state)
+            state.metrics[f"{NAME}/collapse_resets"] = self.monitor.resets  # the loop logs each new reset
         self.all_filtered = False
 
     @hookimpl

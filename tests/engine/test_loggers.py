@@ -128,20 +128,51 @@ def test_render_accuracy_matrix_shape(size):
     acc = np.full((size, size), NAN)
     acc[np.tril_indices(size)] = 50.0
     image = render_accuracy_matrix(acc, cell=40)
-    assert image.dtype == np.uint8
-    assert image.shape == ((size + 1) * 40, (size + 1) * 40, 3)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    # the cells, their tick labels, and a band for the axis titles above and to the left
+    assert image.shape[0] > (size + 1) * 40 and image.shape[1] > (size + 1) * 40
     small = render_accuracy_matrix(acc, cell=12)
-    assert small.shape == ((size + 1) * 12, (size + 1) * 12, 3)
+    assert small.shape[0] > (size + 1) * 12 and small.shape[1] > (size + 1) * 12
+    if size == 5:  # a matrix wider than its titles: band + (size + 1) cells, square
+        band = image.shape[0] - 6 * 40
+        assert 8 <= band <= 32 and image.shape[:2] == (band + 240, band + 240)
+
+
+def _grid_origin(image, rows, cols, cell):
+    """Top-left pixel of cell (0, 0), for a matrix wider and taller than its axis titles."""
+    return image.shape[0] - rows * cell, image.shape[1] - cols * cell
 
 
 def test_render_accuracy_matrix_colours():
-    image = render_accuracy_matrix(np.array([[0.0, NAN], [100.0, 50.0]]), cell=40)
+    acc = np.full((5, 5), 50.0)
+    acc[0, 0], acc[0, 1], acc[1, 0] = 0.0, NAN, 100.0
+    image = render_accuracy_matrix(acc, cell=40)
+    y, x = _grid_origin(image, 5, 5, 40)
     # Sample near a cell corner, away from the text.
-    low, nan_cell, high = image[40 + 3, 40 + 3], image[40 + 3, 80 + 3], image[80 + 3, 40 + 3]
+    low, nan_cell, high = image[y + 3, x + 3], image[y + 3, x + 40 + 3], image[y + 40 + 3, x + 3]
     assert tuple(nan_cell) == (128, 128, 128)
     assert int(high.astype(int).sum()) > int(low.astype(int).sum())  # dark -> light
     with pytest.raises(ValueError):
         render_accuracy_matrix(np.zeros(3))
+
+
+def test_render_accuracy_matrix_labels_its_axes():
+    acc = np.full((5, 5), 50.0)
+    image = render_accuracy_matrix(acc, cell=40).astype(int)
+    y, x = _grid_origin(image, 5, 5, 40)
+    ink = image.sum(axis=2) < 400  # dark text on the white background
+    band = y - 40
+    # the columns' title in the top band above the grid, the rows' title in the left band
+    assert ink[:band, x:].sum() > 50
+    assert ink[y:, :band].sum() > 50
+    # tick labels: the experience indices in the row above the grid and the column left of it
+    for j in range(5):
+        assert ink[band:y, x + j * 40 : x + (j + 1) * 40].any()
+        assert ink[y + j * 40 : y + (j + 1) * 40, band:x].any()
+    # the rows' title reads upwards: rotated, its ink spans more rows than columns
+    rows_with_ink = np.flatnonzero(ink[:, :band].any(axis=1))
+    cols_with_ink = np.flatnonzero(ink[:, :band].any(axis=0))
+    assert np.ptp(rows_with_ink) > 3 * np.ptp(cols_with_ink)
 
 
 def test_format_accuracy_matrix():
@@ -182,3 +213,24 @@ def test_format_summary():
         "forward_transfer: n/a",
         "num_experiences: 3",
     ]
+
+
+def test_log_scalars_uses_its_keys_as_tags_and_keeps_extras_out_of_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with RunLogger(tmp_path) as logger:
+        logger.log_scalars("step", 10, {"loss/total": 0.5, "lr/head": torch.tensor(1e-3), "hist": [1, 2]}, extra={"experience": 3})
+        logger.log_scalars("accuracy", 2, {"accuracy/exp_0": 75.0}, axis="experience", jsonl=False)
+        with pytest.raises(ValueError, match="reserved"):
+            logger.log_scalars("step", 11, {"time": 1.0})
+        with pytest.raises(ValueError, match="axis"):
+            logger.log_scalars("step", 11, {"a": 1.0}, axis="epoch")
+    (record,) = read_jsonl(tmp_path)
+    assert record["kind"] == "step" and record["step"] == 10 and record["experience"] == 3
+    assert record["loss/total"] == 0.5 and record["hist"] == [1, 2]
+    steps = EventAccumulator(str(tmp_path / "tensorboard"))
+    steps.Reload()
+    assert sorted(steps.Tags()["scalars"]) == ["loss/total", "lr/head"]
+    by_experience = EventAccumulator(str(tmp_path / "tensorboard" / "by_experience"))
+    by_experience.Reload()
+    assert [(e.step, e.value) for e in by_experience.Scalars("accuracy/exp_0")] == [(2, 75.0)]
