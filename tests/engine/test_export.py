@@ -24,7 +24,8 @@ L2P = {"name": "l2p", **TINY_OPTIONS["l2p"]}
 def _train(tmp_path: Path, strategy, name: str = "trained", **changes) -> tuple[Path, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Train a tiny run; returns its directory and the (images, logits) of its final evaluation."""
     run_dir = tmp_path / name
-    with build(validate(tiny_config(strategies=[strategy], **changes)), run_dir=run_dir) as run:
+    strategies = strategy if isinstance(strategy, list) else [strategy]
+    with build(validate(tiny_config(strategies=strategies, **changes)), run_dir=run_dir) as run:
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         original = run.loop.eval_step
 
@@ -91,6 +92,18 @@ def test_the_export_serves_the_runs_evaluation_logits(trained, kind):
     direct = OnlineAdapter.from_run(run_dir)
     images, logits = evaluated[0]
     torch.testing.assert_close(_served(direct, images), logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "strategies",
+    [[L2P, "pgp"], [{"name": "dualprompt", **TINY_OPTIONS["dualprompt"]}], [{"name": "coda_prompt", **TINY_OPTIONS["coda_prompt"]}], ["ncm"], [{"name": "vpt", **TINY_OPTIONS["vpt"]}]],
+    ids=["l2p+pgp", "dualprompt", "coda_prompt", "ncm", "vpt"],
+)
+def test_every_continual_strategy_is_served_as_it_was_evaluated(tmp_path, strategies):
+    run_dir, evaluated = _train(tmp_path, strategies)
+    adapter = OnlineAdapter.from_export(export_run(run_dir, tmp_path / "model.safetensors"))
+    for images, logits in evaluated:
+        torch.testing.assert_close(_served(adapter, images), logits, rtol=0, atol=1e-6)
 
 
 def test_l2p_is_served_with_its_trained_prompts_and_key_matching(trained):
