@@ -184,3 +184,24 @@ def test_nan_logits_in_evaluation_stop_the_run(tmp_path, make_config):
             run.fit()
     assert "'finetune_then_nan'" in str(info.value)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_skipped_steps_are_still_counted_after_a_resume(tmp_path, make_config):
+    class StopAfterFirst(NaNAtSteps):
+        stopped = False
+
+        @hookimpl
+        def experience_end(self, state: State) -> None:
+            if not StopAfterFirst.stopped:  # a stop after experience 0, then --resume
+                StopAfterFirst.stopped = True
+                state.stop = True
+
+    from driftprompt.engine.run import resume
+
+    registry = registry_with(poisoned=lambda: StopAfterFirst([1, 2]))
+    config = make_config(strategies=["poisoned"], train={"epochs": 1, "batch_size": 8, "optimizer": {"name": "adam", "lr": 0.01}, "nonfinite": "skip"})
+    with build(config, run_dir=tmp_path / "run", registry=registry) as run:
+        assert run.fit()["skipped_nonfinite_steps"] == 1  # step 1 in experience 0
+    with resume(tmp_path / "run", registry=registry) as run:
+        summary = run.fit()
+    assert summary["skipped_nonfinite_steps"] == 2  # step 2 in experience 1, plus the one before the stop
