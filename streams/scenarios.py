@@ -208,6 +208,35 @@ def shuffle_within(stream: Stream, seed: int = 0) -> Stream:
     return stream
 
 
+def joint(stream: Stream) -> Stream:
+    """Every experience of ``stream`` merged into one: the joint-training upper bound.
+
+    The single experience trains on the union of the training sets, knows every class of the
+    stream, and is tested on the union of the test sets, so a run's accuracy matrix has one
+    row and one column. In-memory experiences of one image size are concatenated into one
+    :class:`TensorImageDataset` (sample indices kept; per-experience tags such as
+    ``task_id`` and ``domain`` are dropped, since one experience has one task and no single
+    domain); others become a ``ConcatDataset`` with ``targets``.
+    """
+    from torch.utils.data import ConcatDataset
+
+    if len(stream) == 0:
+        raise StreamError("The stream has no experience to merge; give joint a stream with at least one experience.")
+
+    def merge(parts: list[Dataset]) -> Dataset:
+        tensors = [p for p in parts if isinstance(p, TensorImageDataset)]
+        if len(tensors) == len(parts) and len({(tuple(p.images.shape[1:]), p.images.dtype) for p in tensors}) == 1:
+            return TensorImageDataset(torch.cat([p.images for p in tensors]), torch.cat([p.targets for p in tensors]), torch.cat([p.indices for p in tensors]))
+        merged = ConcatDataset([p for p in parts if len(p)])  # type: ignore[arg-type]
+        merged.targets = torch.cat([targets_of(p) for p in parts if len(p)])  # type: ignore[attr-defined]
+        return merged
+
+    classes = sorted({c for exp in stream for c in exp.classes})
+    single = Experience(index=0, train=merge([exp.train for exp in stream]), test=merge([exp.test for exp in stream]), classes=classes)
+    scenario = "class_incremental" if stream.scenario in ("task_incremental", "blurry") else stream.scenario
+    return Stream([single], num_classes=stream.num_classes, class_names=list(stream.class_names), name=f"{stream.name}-joint", scenario=scenario)
+
+
 def check_experiences(n_experiences: int, n_classes: int) -> None:
     """Refuse more experiences than classes, with the fix."""
     if n_experiences < 1 or n_experiences > n_classes:
