@@ -347,8 +347,18 @@ class ViTBackbone(nn.Module):
         """Prompted forward pass; returns the final-norm token stream (B, N [+L], D).
 
         Token order: prefix (class/register) tokens, layer-0 prompt tokens, the deep-prompt
-        slot (present from the first block that has deep prompts), then patch tokens.
+        slot (present from the first block that has deep prompts), then patch tokens. After
+        :func:`driftprompt.engine.compile.compile_backbone` (``train.compile``) the pass runs
+        through ``torch.compile``, one graph per prompt layout; otherwise it is
+        :meth:`forward_tokens_eager`.
         """
+        compiled = self.__dict__.get("compiled_forward")
+        if compiled is not None:
+            return compiled(x, prompts)
+        return self.forward_tokens_eager(x, prompts)
+
+    def forward_tokens_eager(self, x: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
+        """The prompted forward pass, op by op (see :meth:`forward_tokens`)."""
         x = self.embed(x)
         if prompts is None or prompts.empty:
             return self.model.norm(self.blocks(x))

@@ -101,6 +101,14 @@ class TrainConfig(_Strict):
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a step whose loss or gradient is not finite: stop the run naming it, or skip it (the update is not applied) and count it"
     )
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the prompted backbone (one graph per prompt layout and batch shape); auto: on CUDA only; falls back to eager, with one warning, where compilation fails"
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend: inductor, or aot_eager/eager to check a graph without code generation")
+    cuda_graphs: bool = Field(False, description="with compile on CUDA, replay CUDA graphs (torch.compile mode 'reduce-overhead'); for static shapes only")
+    data_on_device: bool | Literal["auto"] = Field(
+        "auto", description="keep in-memory datasets on the training device as uint8 and cut batches there; auto: on CUDA only"
+    )
 
 
 class EvalConfig(_Strict):

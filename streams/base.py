@@ -89,6 +89,7 @@ class TensorImageDataset(Dataset):
         self.indices = torch.arange(len(targets)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         self.tags: dict[str, Any] = dict(tags or {})
         self.skipped: int = 0  # unreadable source images left out (see streams.folders)
+        self.resident: tuple[torch.Tensor, torch.Tensor] | None = None  # device copies (see to_device)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -104,11 +105,35 @@ class TensorImageDataset(Dataset):
         """The same samples (tensors shared, not copied) with extra batch tags."""
         return TensorImageDataset(self.images, self.targets, self.indices, {**self.tags, **tags})
 
+    def to_device(self, device: torch.device | str) -> TensorImageDataset:
+        """Keep a copy of the images (as stored: uint8 stays uint8) and labels on ``device``.
+
+        :meth:`batches` then cuts every batch there, with the same order as before (the
+        shuffle is still drawn on the CPU, from the same generator), so no image crosses the
+        bus per step. ``images``, ``targets`` and ``indices`` stay on the CPU for everything
+        else. A CPU ``device`` drops the copy. Returns the dataset.
+        """
+        device = torch.device(device)
+        if device.type == "cpu":
+            self.resident = None
+        elif self.resident is None or self.resident[0].device != device:
+            self.resident = (self.images.to(device), self.targets.to(device))
+        return self
+
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        on_device: torch.Tensor | None = None  # the order on the resident copy's device
         for start in range(0, len(self), batch_size):
             pos = order[start : start + batch_size]
-            yield self.images[pos], self.targets[pos], tag_extras({"index": self.indices[pos]}, self.tags, len(pos))
+            extras = tag_extras({"index": self.indices[pos]}, self.tags, len(pos))
+            resident = self.resident  # read per batch: it may be made while this iterator runs
+            if resident is None:
+                yield self.images[pos], self.targets[pos], extras
+                continue
+            if on_device is None or on_device.device != resident[0].device:
+                on_device = order.to(resident[0].device)  # one copy per pass, not one per batch
+            dev_pos = on_device[start : start + batch_size]
+            yield resident[0][dev_pos], resident[1][dev_pos], extras
 
 
 def tag_extras(extras: dict[str, Any], tags: dict[str, Any], n: int) -> dict[str, Any]:
