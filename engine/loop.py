@@ -779,6 +779,7 @@ class TestTimeLoop(_Loop):
             self._postfix(online.after_sample(done, hits, records[-1][3], s.metrics, self.logger))
             if s.stop:
                 break
+        skipped = self.check_numerics()  # the adaptation steps since the last periodic check
         seconds = time.perf_counter() - started
         s.phase = "done"
         # gathered back in stream order on every process
@@ -797,6 +798,8 @@ class TestTimeLoop(_Loop):
             "samples": count,
             "seconds_per_sample": seconds * (d.world_size if self.episodic else 1) / max(count, 1),
         }
+        if nonfinite_mode(s) == "skip":
+            result["skipped_nonfinite_steps"] = skipped
         s.metrics["online"] = result
         self.hooks.fire(Event.TEST_STREAM_END, s)
         online.finish(s.metrics, self.logger)  # the last point, with the metrics published at test_stream_end

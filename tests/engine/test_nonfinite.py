@@ -205,3 +205,23 @@ def test_skipped_steps_are_still_counted_after_a_resume(tmp_path, make_config):
     with resume(tmp_path / "run", registry=registry) as run:
         summary = run.fit()
     assert summary["skipped_nonfinite_steps"] == 2  # step 2 in experience 1, plus the one before the stop
+
+
+def test_a_non_finite_adaptation_step_stops_the_test_time_run(make_config):
+    class NaNAdapt:
+        @hookimpl
+        def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
+            if state.phase != "adapt":
+                return None
+            return [{"params": list(state.head.parameters()), "name": "head", "role": "head"}]
+
+        @hookimpl
+        def loss_terms(self, state: State) -> dict[str, torch.Tensor]:
+            probs = state.logits.float().softmax(1)
+            return {"entropy": -(probs * probs.log()).sum(1).mean() * torch.tensor(float("nan"))}
+
+    config = make_config(strategies=["nan_adapt"])
+    batches = [(torch.rand(1, 3, 16, 16), torch.tensor([0]), {}) for _ in range(3)]
+    with build(config, run_dir=None, registry=registry_with(nan_adapt=NaNAdapt)) as run:
+        with pytest.raises(PluginError, match="'entropy'.*'nan_adapt'"):
+            run.adapt(batches, 3)  # 3 steps: fewer than the periodic check's interval
