@@ -219,3 +219,50 @@ def test_strategy_metrics_key_convention():
         "myplug/thing": 1.5,
     }
     assert strategy_metrics(metrics) == {"tpt/collapse_resets": 2, "myplug/thing": 1.5, "tpt/ece": 3.0}
+
+
+class Kill:
+    """A kill (KeyboardInterrupt) at a chosen optimizer step."""
+
+    def __init__(self, at_step: int = -1) -> None:
+        self.at_step = at_step
+
+    @hookimpl
+    def batch_start(self, state):
+        if state.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_curves_after_a_kill_and_resume_match_an_uninterrupted_run(tmp_path, make_config):
+    from driftprompt.engine.run import resume
+
+    registry = registry_with(kill=Kill)
+
+    def config(at_step):
+        # 2 experiences x 2 epochs x 2 batches = 8 steps; a point every 3 steps and at each
+        # experience's end, a checkpoint every 5 steps: the kill at step 7 resumes from step 5
+        return make_config(strategies=["finetune", {"name": "kill", "at_step": at_step}], log={"tensorboard": True, "progress": False, "every_steps": 3}, checkpoint={"every_steps": 5}, train={"epochs": 2, "batch_size": 8, "optimizer": {"name": "adam", "lr": 0.01}})
+
+    with build(config(-1), run_dir=tmp_path / "full", registry=registry) as run:
+        run.fit()
+    with pytest.raises(KeyboardInterrupt):
+        with build(config(7), run_dir=tmp_path / "cut", registry=registry) as run:
+            run.fit()
+    with resume(tmp_path / "cut", registry=registry) as run:
+        dict(run.strategies)["kill"].at_step = -1
+        run.fit()
+
+    def curves(run_dir):
+        return [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(run_dir, kind="step")]
+
+    full, cut = curves(tmp_path / "full"), curves(tmp_path / "cut")
+    assert [r["step"] for r in full] == [3, 4, 6, 8]
+    assert [r["step"] for r in cut] == [r["step"] for r in full]
+    for a, b in zip(full, cut):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == (pytest.approx(a[key], rel=1e-5) if isinstance(a[key], float) else a[key]), (a["step"], key)
+    tb = _accumulator(tmp_path / "cut" / "tensorboard")
+    assert [e.step for e in tb.Scalars("loss/total")] == [3, 4, 6, 8]
+    by_experience = _accumulator(tmp_path / "cut" / "tensorboard" / EXPERIENCE_TB_DIR)
+    assert [e.step for e in by_experience.Scalars("accuracy/exp_0")] == [0, 1]
