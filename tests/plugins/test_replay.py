@@ -188,6 +188,44 @@ def test_replay_and_der_resume_to_the_uninterrupted_result(name, tmp_path, make_
         assert torch.equal(resumed_state["logits"], full_state["logits"])
 
 
+class Interrupt:
+    """Raises KeyboardInterrupt (a kill) when the optimizer step ``at_step`` is about to run."""
+
+    def __init__(self, at_step: int = -1) -> None:
+        self.at_step = at_step
+
+    @hookimpl
+    def batch_start(self, state):
+        if state.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_der_resumes_from_a_mid_experience_checkpoint_to_the_uninterrupted_result(tmp_path, make_config):
+    stream = {**EASY, "num_classes": 4, "n_experiences": 2, "train_per_class": 8}
+    registry = registry_with(stop=Interrupt)
+
+    def config(at_step: int):
+        strategies = [{"name": "der", "buffer_size": 12}, {"name": "finetune", "mask_current": True}, {"name": "stop", "at_step": at_step}]
+        return make_config(strategies=strategies, stream={"name": "synthetic", "options": stream}, train=dict(TRAIN), checkpoint={"every_steps": 6})
+
+    with build(config(-1), run_dir=tmp_path / "full", registry=registry) as run:
+        full = run.fit()
+        full_state = dict(run.strategies)["der"].state_dict()
+        full_head = run.state.head.weight.detach().clone()
+    # experience 1 runs steps 4..7 (2 batches x 2 epochs): the checkpoint at step 6 is inside it
+    with pytest.raises(KeyboardInterrupt):
+        with build(config(7), run_dir=tmp_path / "cut", registry=registry) as run:
+            run.fit()
+    with resume(tmp_path / "cut", registry=registry) as run:
+        dict(run.strategies)["stop"].at_step = -1
+        resumed = run.fit()
+        state = dict(run.strategies)["der"].state_dict()
+        torch.testing.assert_close(run.state.head.weight, full_head, rtol=0, atol=0)
+    assert resumed["accuracy"] == full["accuracy"]
+    for key in ("images", "labels", "logits", "generator"):
+        assert torch.equal(state[key], full_state[key]), key
+
+
 def test_the_buffer_state_loads_with_weights_only(tmp_path, make_config):
     with build(_config(make_config, [{"name": "der", "buffer_size": 8}, "finetune"], {**EASY, "num_classes": 4, "n_experiences": 2, "train_per_class": 4}), run_dir=None) as run:
         run.fit()
