@@ -491,14 +491,17 @@ def save_export(export: Export, out: str | Path) -> Path:
     return out
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, registry: Any = None) -> Path:
     """Export the finished run in ``run_dir`` to the safetensors file ``out``; returns ``out``.
+
+    ``registry`` is the plugin registry (default: the installed plugins and the config's
+    ``plugin_modules``).
 
     Raises:
         CheckpointError: the folder is not a finished run with a checkpoint, or its backbone
             cannot be rebuilt as trained (see :func:`read_run`).
     """
-    return save_export(read_run(run_dir), out)
+    return save_export(read_run(run_dir, registry), out)
 
 
 def load_export(path: str | Path) -> Export:

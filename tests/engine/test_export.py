@@ -9,23 +9,23 @@ import pytest
 import torch
 import yaml
 
-from driftprompt.engine import CheckpointError
+from driftprompt.engine import CheckpointError, hookimpl
 from driftprompt.engine.adapter import OnlineAdapter
 from driftprompt.engine.cli import main
 from driftprompt.engine.config import validate
 from driftprompt.engine.export import export_run, load_export
 from driftprompt.engine.run import build
 
-from ..conftest import TINY_OPTIONS, tiny_config
+from ..conftest import TINY_OPTIONS, registry_with, tiny_config
 
 L2P = {"name": "l2p", **TINY_OPTIONS["l2p"]}
 
 
-def _train(tmp_path: Path, strategy, name: str = "trained", **changes) -> tuple[Path, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _train(tmp_path: Path, strategy, name: str = "trained", registry=None, **changes) -> tuple[Path, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Train a tiny run; returns its directory and the (images, logits) of its final evaluation."""
     run_dir = tmp_path / name
     strategies = strategy if isinstance(strategy, list) else [strategy]
-    with build(validate(tiny_config(strategies=strategies, **changes)), run_dir=run_dir) as run:
+    with build(validate(tiny_config(strategies=strategies, **changes)), run_dir=run_dir, registry=registry) as run:
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         original = run.loop.eval_step
 
@@ -57,7 +57,9 @@ def trained(tmp_path_factory):
     def get(kind: str) -> tuple[Path, list[tuple[torch.Tensor, torch.Tensor]], Path]:
         if kind not in runs:
             root = tmp_path_factory.mktemp(kind)
-            run_dir, evaluated = _train(root, L2P if kind == "l2p" else kind)
+            # the finetune run evaluates a resized-and-cropped view, which serving must reproduce
+            changes = {"eval": {"batch_size": 64, "resize": 20, "interpolation": "bilinear"}} if kind == "finetune" else {}
+            run_dir, evaluated = _train(root, L2P if kind == "l2p" else kind, **changes)
             runs[kind] = (run_dir, evaluated, export_run(run_dir, root / "model.safetensors"))
         return runs[kind]
 
@@ -102,6 +104,41 @@ def test_the_export_serves_the_runs_evaluation_logits(trained, kind):
 def test_every_continual_strategy_is_served_as_it_was_evaluated(tmp_path, strategies):
     run_dir, evaluated = _train(tmp_path, strategies)
     adapter = OnlineAdapter.from_export(export_run(run_dir, tmp_path / "model.safetensors"))
+    for images, logits in evaluated:
+        torch.testing.assert_close(_served(adapter, images), logits, rtol=0, atol=1e-6)
+
+
+class EvalShift:
+    """A trained classifier part that acts at evaluation only: a forward wrapper adding a
+    learned-looking per-class offset (its saved state) to the logits when state.phase == "eval"."""
+
+    def __init__(self) -> None:
+        self.offset = torch.zeros(4)
+
+    @hookimpl
+    def experience_end(self, state) -> None:
+        self.offset = torch.arange(4, dtype=torch.float32) * (state.experience.index + 1)
+
+    @hookimpl(wrapper=True)
+    def forward(self, state):
+        logits = yield
+        return logits + self.offset.to(logits.device) if state.phase == "eval" else logits
+
+    def state_dict(self):
+        return {"offset": self.offset, "note": ("kept", 1)}
+
+    def load_state_dict(self, state) -> None:
+        assert state["note"] == ("kept", 1)  # tuples come back as tuples
+        self.offset = state["offset"]
+
+
+def test_a_plugin_strategy_serves_with_its_evaluation_semantics(tmp_path):
+    registry = registry_with(evalshift=EvalShift)
+    run_dir, evaluated = _train(tmp_path, ["finetune", "evalshift"], registry=registry)
+    out = export_run(run_dir, tmp_path / "model.safetensors", registry=registry)
+    adapter = OnlineAdapter.from_export(out, registry=registry)
+    assert [n for n, _ in adapter.strategies] == ["evalshift"]  # finetune has no inference hook
+    assert torch.equal(adapter.strategies[0][1].inner.offset, torch.arange(4.0) * 2)
     for images, logits in evaluated:
         torch.testing.assert_close(_served(adapter, images), logits, rtol=0, atol=1e-6)
 
@@ -170,6 +207,10 @@ def test_an_unfinished_checkpoint_and_a_folder_that_is_no_run_are_refused(traine
         export_run(run_dir, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="not a run directory"):
         export_run(tmp_path / "nowhere", tmp_path / "model.safetensors")
+    (run_dir / "checkpoint.pt").unlink()  # what a finished test-time run leaves
+    with pytest.raises(CheckpointError, match="without a checkpoint.pt"):
+        export_run(run_dir, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_another_backbone_is_refused(trained, tmp_path):
