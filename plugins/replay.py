@@ -92,7 +92,7 @@ def reservoir_slot(labels: list[int], seen: int, capacity: int, generator: torch
     return r if r < capacity else -1
 
 
-def class_balanced_slot(labels: list[int], label: int, class_seen: int, capacity: int, generator: torch.Generator) -> int:
+def class_balanced_slot(labels: list[int], label: int, class_seen: int, capacity: int, generator: torch.Generator, counts: dict[int, int] | None = None) -> int:
     """Slot for a sample of class ``label`` under class-balanced reservoir sampling, or -1.
 
     Args:
@@ -101,12 +101,15 @@ def class_balanced_slot(labels: list[int], label: int, class_seen: int, capacity
         class_seen: samples of ``label`` seen so far, this one included.
         capacity: the buffer's size.
         generator: the source of randomness.
+        counts: the number of stored samples per class, if the caller keeps it (else counted).
     """
     if len(labels) < capacity:
         return len(labels)
-    counts: dict[int, int] = {}
-    for c in labels:
-        counts[c] = counts.get(c, 0) + 1
+    if counts is None:
+        counts = {}
+        for c in labels:
+            counts[c] = counts.get(c, 0) + 1
+    counts = {c: n for c, n in counts.items() if n > 0}
     largest = max(counts.values())
     own = counts.get(label, 0)
     if own < largest:  # replace a random sample of a random largest class
@@ -142,12 +145,18 @@ def _positions(dataset: Any) -> dict[int, int] | None:
     return {int(v): i for i, v in enumerate(values)}
 
 
-def _item(dataset: Any, position: int) -> tuple[torch.Tensor, int]:
+def _item(dataset: Any, position: int, index: int) -> tuple[torch.Tensor, int]:
+    """The raw image and label at ``position`` of ``dataset``, whose ``"index"`` is ``index``."""
     images = getattr(dataset, "images", None)
     targets = getattr(dataset, "targets", None)
-    if torch.is_tensor(images) and targets is not None:
+    if torch.is_tensor(images) and targets is not None and len(targets) == len(images):
         return images[position], int(targets[position])
-    item = dataset[position]
+    try:
+        item = dataset[position]
+    except IndexError:
+        item = None
+    if item is None or (len(item) > 2 and int(item[2]) != index):
+        raise PluginError(f"replay cannot find sample {index} of the batch at its position in the experience's training data; give the dataset an 'indices' attribute (as Subset and TensorImageDataset have) or items whose index is their position.")
     return torch.as_tensor(item[0]), int(item[1])
 
 
@@ -194,6 +203,7 @@ class Replay:
         self.domains: dict[int, str | None] = {}
         self._map: dict[int, int] | None = None
         self._stored: set[tuple[int, int]] = set()  # (experience, index) of the stored samples
+        self._counts: dict[int, int] = {}  # stored samples per class
         self._current = 0  # rows of the current batch that came from the stream
         self._raw: torch.Tensor | None = None  # the head's logits before any mask (DER)
         self._picks: list[torch.Tensor] = []  # this step's buffer minibatches, as slots
@@ -305,17 +315,18 @@ class Replay:
             key = (state.experience.index, int(idx))
             if key in self._stored:
                 continue  # offered again in a later epoch: it is in the buffer already
-            image, label = _item(dataset, position)
+            image, label = _item(dataset, position, int(idx))
             self.seen += 1
             self.class_seen[label] = self.class_seen.get(label, 0) + 1
             if self.policy == "reservoir":
                 slot = reservoir_slot(self.labels, self.seen - 1, self.capacity, self.generator)
             else:
-                slot = class_balanced_slot(self.labels, label, self.class_seen[label], self.capacity, self.generator)
+                slot = class_balanced_slot(self.labels, label, self.class_seen[label], self.capacity, self.generator, self._counts)
             if slot < 0:
                 continue
             entry = (image.clone(), label, int(idx), state.experience.index)
             self._stored.add(key)
+            self._counts[label] = self._counts.get(label, 0) + 1
             if slot == len(self.labels):
                 self.images.append(entry[0])
                 self.labels.append(label)
@@ -323,6 +334,7 @@ class Replay:
                 self.origin.append(entry[3])
             else:
                 self._stored.discard((self.origin[slot], self.index[slot]))
+                self._counts[self.labels[slot]] -= 1
                 self.images[slot], self.labels[slot], self.index[slot], self.origin[slot] = entry
             decisions.append((row, slot, label, image))
         if self.stores_logits and decisions:
@@ -367,6 +379,9 @@ class Replay:
         self.index = [int(v) for v in state["index"].tolist()]
         self.origin = [int(v) for v in state["origin"].tolist()]
         self._stored = set(zip(self.origin, self.index))
+        self._counts = {}
+        for c in self.labels:
+            self._counts[c] = self._counts.get(c, 0) + 1
         self.seen = int(state["seen"])
         self.class_seen = {int(c): int(n) for c, n in state["class_seen"]}
         self.data_seen = int(state["data_seen"])

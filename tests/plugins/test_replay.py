@@ -55,6 +55,28 @@ def test_a_buffer_larger_than_the_data_warns_and_takes_the_data_size(make_config
     assert sorted(replay.index) == sorted(set(replay.index))  # every sample once
 
 
+def test_lazily_read_datasets_are_looked_up_by_their_indices():
+    from torch.utils.data import Dataset, Subset
+
+    from driftprompt.engine import PluginError
+    from driftprompt.plugins.replay import _item, _positions
+
+    class Items(Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.full((3, 2, 2), i, dtype=torch.uint8), i % 2, i
+
+    part = Subset(Items(), [4, 1, 3])
+    positions = _positions(part)
+    assert positions == {4: 0, 1: 1, 3: 2}
+    image, label = _item(part, positions[3], 3)
+    assert label == 1 and int(image[0, 0, 0]) == 3
+    with pytest.raises(PluginError, match="cannot find sample 3"):
+        _item(Items(), 2, 3)  # an index that is not the item's position is refused, never misread
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="policy"):
         Replay(policy="fifo")
