@@ -360,17 +360,19 @@ def read_run(run_dir: str | Path, registry: Any = None) -> Export:
     summary = read_summary(path)
     status = summary.get("status") if summary is not None else None
     if status != "finished":
+        resume = f"continue it with driftprompt --resume {path} and export it when it has finished"
         if summary is None:
-            why = f"has no {SUMMARY_NAME}, so it is still running or was killed before it finished"
+            why, fix = f"has no {SUMMARY_NAME}, so it is still running or was killed before it finished", f"wait for it, or {resume}"
         else:
             error = f" ({condense(str(summary['error']), 160)})" if summary.get("error") else ""
             why = f"ended with status '{status}'{error}"
-        raise CheckpointError(f"Run '{path}' {why}, so it has no trained model to export; finish it first (driftprompt --resume {path}) and export it then.")
+            fix = resume if summary.get("resume") or status in ("interrupted", "stopped") else "fix the cause and train it again"
+        raise CheckpointError(f"Run '{path}' {why}, so it has no trained model to export; {fix}.")
     if not (path / CHECKPOINT_NAME).is_file():
         raise CheckpointError(f"Run '{path}' finished without a {CHECKPOINT_NAME} (a test-time run trains nothing), so there is no trained model to export; export a continual run.")
     payload = load(path / CHECKPOINT_NAME, REQUIRED_KEYS)
     if payload["next_experience"] < payload["num_experiences"] or payload.get("position") is not None:
-        raise CheckpointError(f"Run '{path}' trained {payload['next_experience']} of its {payload['num_experiences']} experiences, so it is unfinished; finish it first (driftprompt --resume {path}) and export it then.")
+        raise CheckpointError(f"Run '{path}' trained {payload['next_experience']} of its {payload['num_experiences']} experiences, so it is unfinished; continue it with driftprompt --resume {path} and export it when it has finished.")
     config = validate(json.loads(payload["config"]))
     stream, backbone = _rebuild(config, registry, path)
     if backbone.fingerprint != payload["backbone"]:
@@ -397,7 +399,7 @@ def read_run(run_dir: str | Path, registry: Any = None) -> Export:
         "eval_resize": getattr(config.eval, "resize", None),
         "eval_interpolation": getattr(config.eval, "interpolation", "model"),
     }
-    run = {k: summary.get(k) for k in ("name", "final_accuracy", "average_accuracy", "average_incremental_accuracy", "forgetting") if summary is not None and k in summary}
+    run = {k: summary[k] for k in ("name", "final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer") if summary is not None and k in summary}
     run["experiences"] = int(payload["num_experiences"])
     return Export(
         config=config,

@@ -180,10 +180,12 @@ def test_the_file_is_plain_safetensors_with_string_metadata(trained):
     assert pre["image_size"] == [16, 16] and len(pre["mean"]) == 3
     assert [s["name"] for s in json.loads(meta["strategies"])] == ["l2p"]
     assert json.loads(meta["config"])["strategies"][0]["options"]["pool_size"] == 4
+    run = json.loads(meta["run"])
+    assert run["experiences"] == 2 and 0 <= run["final_average_accuracy"] <= 100
 
 
-@pytest.mark.parametrize("status", ["failed", "interrupted", "missing"])
-def test_a_run_that_did_not_finish_is_refused(trained, tmp_path, status):
+@pytest.mark.parametrize(("status", "fix"), [("failed", "train it again"), ("interrupted", "--resume"), ("missing", "--resume")])
+def test_a_run_that_did_not_finish_is_refused(trained, tmp_path, status, fix):
     run_dir = _copy(trained("finetune")[0], tmp_path)
     if status == "missing":
         (run_dir / "summary.json").unlink()
@@ -192,7 +194,7 @@ def test_a_run_that_did_not_finish_is_refused(trained, tmp_path, status):
     with pytest.raises(CheckpointError) as info:
         export_run(run_dir, tmp_path / "model.safetensors")
     message = str(info.value)
-    assert "\n" not in message and "--resume" in message and (status in message or "summary.json" in message)
+    assert "\n" not in message and fix in message and (f"status '{status}' (boom)" in message or "no summary.json" in message)
     assert not (tmp_path / "model.safetensors").exists()
 
 
