@@ -307,3 +307,15 @@ def test_adapt_refuses_an_export_of_another_backbone_or_a_strategy_listed_twice(
     path.write_text(yaml.safe_dump(cfg))
     assert main(["adapt", str(path), "--run-dir", str(tmp_path / "b"), "-q"]) == 2
     assert "already part of the exported classifier" in capsys.readouterr().err
+
+
+def test_the_export_command_writes_the_file_and_refuses_an_unfinished_run_in_one_line(trained, tmp_path, capsys):
+    run_dir = _copy(trained("finetune")[0], tmp_path)
+    out = tmp_path / "cli.safetensors"
+    assert main(["export", str(run_dir), "--out", str(out), "-q"]) == 0
+    assert load_export(out).class_names == [f"class {i}" for i in range(4)]
+    (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "again.safetensors"), "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "status 'interrupted'" in err[0]
+    assert not (tmp_path / "again.safetensors").exists()
