@@ -547,11 +547,6 @@ def load_export(path: str | Path) -> Export:
     return export
 
 
-def is_export(path: str | Path) -> bool:
-    """Whether ``path`` names a safetensors file (an export) rather than a ``checkpoint.pt``."""
-    return Path(path).suffix == ".safetensors"
-
-
 # --- serving ------------------------------------------------------------------------------
 
 
@@ -624,4 +619,4 @@ def attach_export(path: str | Path, backbone: nn.Module, head: nn.Module, strate
     return trained + list(strategies)
 
 
-__all__ = ["EXPORT_VERSION", "Deployed", "Export", "attach_export", "build_adapter", "deployed", "export_run", "is_export", "load_export", "read_run", "save_export", "weights_digest"]
+__all__ = ["EXPORT_VERSION", "Deployed", "Export", "attach_export", "build_adapter", "deployed", "export_run", "load_export", "read_run", "save_export", "weights_digest"]
