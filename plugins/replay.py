@@ -18,7 +18,7 @@ Both follow the reference implementation, aimagelab/mammoth (cited as file:line)
   cross-entropy on the second (models/derpp.py:40-51); the current samples are stored with
   the logits of the forward pass that trained them (models/derpp.py:56-58).
 * replayed samples are drawn uniformly without replacement, at most the buffer's size
-  (utils/buffer.py:527-529); ``minibatch_size`` defaults to the training batch size
+  (utils/buffer.py:520-529); ``minibatch_size`` defaults to the training batch size
   (main.py:435-436).
 * ``policy="reservoir"`` is the buffer's reservoir rule (utils/buffer.py:126-133): the first
   ``buffer_size`` samples fill it, then the n-th sample replaces a uniform slot with
@@ -27,7 +27,7 @@ Both follow the reference implementation, aimagelab/mammoth (cited as file:line)
   later epoch) is skipped, where the reference stores a second copy; so a buffer as large as
   the data holds every sample once.
 * defaults: ``alpha=0.2``, ``beta=0.5`` and ``buffer_size=500`` are the DER++ row for
-  seq-cifar10 with a 500-sample buffer (utils/best_args.py:665-670; the paper's Table 6 grid).
+  seq-cifar10 with a 500-sample buffer (utils/best_args.py:665-670).
 
 The default buffer policy is class-balanced reservoir sampling (CBRS, Chrysakis & Moens,
 "Online Continual Learning from Imbalanced Data", ICML 2020, Algorithm 1), which keeps about
@@ -71,7 +71,6 @@ import torch
 import torch.nn.functional as F
 
 from driftprompt.engine import ConfigError, PluginError, State, hookimpl
-from driftprompt.engine.loop import cross_entropy
 
 log = logging.getLogger(__name__)
 

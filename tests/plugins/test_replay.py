@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from driftprompt.engine import ConfigError, hookimpl
 from driftprompt.engine.run import build, resume
@@ -284,4 +283,3 @@ def test_joint_refuses_to_wrap_itself(make_config):
 
     with pytest.raises(ConfigError, match="cannot wrap itself"):
         joint_stream("joint")
-    assert F is not None
