@@ -266,3 +266,36 @@ def test_curves_after_a_kill_and_resume_match_an_uninterrupted_run(tmp_path, mak
     assert [e.step for e in tb.Scalars("loss/total")] == [3, 4, 6, 8]
     by_experience = _accumulator(tmp_path / "cut" / "tensorboard" / EXPERIENCE_TB_DIR)
     assert [e.step for e in by_experience.Scalars("accuracy/exp_0")] == [0, 1]
+
+
+def test_experience_line_and_accuracy_curves_skip_missing_entries():
+    from driftprompt.engine.loggers import accuracy_curves, format_experience_line
+
+    nan = float("nan")
+    row = [91.25, nan, 80.0, 55.0]  # experience 1 has no test image; 3 is a future one
+    line = format_experience_line(2, 10, row, 12.34, 1.2)
+    assert line == "experience 3/10: accuracy [91.2 - 80.0] avg 85.6 (train 12.3 s, eval 1.2 s)"
+    assert accuracy_curves(row, 2) == {"accuracy/exp_0": 91.25, "accuracy/exp_2": 80.0, "accuracy/exp_3": 55.0, "accuracy/average": pytest.approx(85.625)}
+
+
+def test_train_curves_leave_out_skipped_steps_and_average_over_the_interval():
+    from types import SimpleNamespace
+
+    from driftprompt.engine.loggers import TrainCurves
+
+    curves = TrainCurves(every=3)
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "prompt", "lr": 0.5}])
+    targets = torch.tensor([0, 1])
+    steps = [  # (loss term, logits, bad)
+        (1.0, torch.tensor([[2.0, 0.0], [0.0, 2.0]]), False),
+        (float("nan"), torch.tensor([[2.0, 0.0], [2.0, 0.0]]), True),
+        (3.0, torch.tensor([[0.0, 2.0], [2.0, 0.0]]), False),
+    ]
+    logged = []
+    for k, (term, logits, bad) in enumerate(steps, start=1):
+        state = SimpleNamespace(step=k, loss=torch.tensor(term), loss_terms={"ce": torch.tensor(term)}, logits=logits, targets=targets, optimizer=opt, metrics={"x/y": 2})
+        logged.append(curves.after_step(state, torch.tensor(bad), None))
+    assert logged[:2] == [None, None]
+    # the skipped (NaN) step is left out of the losses; accuracy counts every sample: 3 of 6
+    assert logged[2] == {"loss/total": 2.0, "loss/ce": 2.0, "train/accuracy": 50.0, "lr/prompt": 0.5, "x/y": 2}
+    assert curves.read(state) == {}  # a new interval starts empty
