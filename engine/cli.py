@@ -23,8 +23,8 @@ DESCRIPTION = """\
 driftprompt: continual and test-time prompt learning on frozen ViT and CLIP backbones.
 
   driftprompt                         run the offline demo (finetune and ncm, tiny random ViT,
-                                      synthetic class-incremental stream; about a minute on a
-                                      CPU), then compare the two runs
+                                      synthetic class-incremental stream; about four minutes
+                                      of CPU time), then compare the two runs
   driftprompt CONFIG.yaml [k=v ...]   run a config; overrides use dotted keys, values are YAML:
                                         train.epochs=3  strategies=[ncm]  strategies.0.mask_current=true
   driftprompt CONFIG.yaml --seeds 0,1,2 [--vary-stream-seed]
