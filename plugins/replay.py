@@ -344,9 +344,11 @@ class Replay:
         if raw is None:
             raise PluginError("der found no logits of the current batch to store; another strategy's forward must not bypass the forward hook.")
         if self.logits is None or self.logits.shape[1] != raw.shape[1]:
-            self.logits = torch.zeros(self.capacity, raw.shape[1], device=raw.device)
-        if self.logits.shape[0] < self.capacity:
-            self.logits = torch.cat([self.logits, self.logits.new_zeros(self.capacity - self.logits.shape[0], self.logits.shape[1])])
+            self.logits = torch.zeros(0, raw.shape[1], device=raw.device)
+        needed = max(d[1] for d in decisions) + 1
+        if self.logits.shape[0] < needed:  # grown by doubling, never beyond the buffer's size
+            size = min(max(needed, 2 * self.logits.shape[0]), max(self.capacity, needed))
+            self.logits = torch.cat([self.logits, self.logits.new_zeros(size - self.logits.shape[0], self.logits.shape[1])])
         rows = torch.tensor([d[0] for d in decisions], dtype=torch.long)
         slots = torch.tensor([d[1] for d in decisions], dtype=torch.long)
         # later rows win when a batch writes one slot twice, as the sequential reference does
@@ -392,8 +394,7 @@ class Replay:
         if logits is None:
             self.logits = None
         else:
-            self.logits = torch.zeros(max(self.capacity, logits.shape[0]), logits.shape[1], device=self.device)
-            self.logits[: logits.shape[0]] = logits.to(self.device)
+            self.logits = logits.to(self.device).clone()
 
 
 def _or(value: int | None, default: int) -> int:
