@@ -129,6 +129,36 @@ def test_replay_with_a_train_mask_trains_finitely_and_forgets_less(classifier, m
     assert replayed["forgetting"] < alone["forgetting"]
 
 
+def _tiny(name):
+    return {"name": name, **TINY_OPTIONS.get(name, {})}
+
+
+@pytest.mark.parametrize(
+    "strategies",
+    [
+        [{"name": "replay", "buffer_size": 8}, _tiny("dualprompt"), _tiny("pgp")],
+        [{"name": "der", "buffer_size": 8}, _tiny("coda_prompt"), _tiny("pgp")],
+        [{"name": "der", "buffer_size": 8}, _tiny("vpt"), _tiny("nsp")],
+        [{"name": "replay", "buffer_size": 8}, "augment", _tiny("qprompt")],
+    ],
+    ids=["replay-dualprompt-pgp", "der-coda_prompt-pgp", "der-vpt-nsp", "replay-augment-qprompt"],
+)
+def test_replay_composes_with_prompt_and_projection_strategies(strategies, make_config):
+    run = build(make_config(strategies=strategies), run_dir=None)
+    rows = []
+    original = run.loop._optimize
+
+    def spy(clip):
+        rows.append((run.state.experience.index, int(run.state.batch["replayed"].sum()) if "replayed" in run.state.batch else 0))
+        original(clip)
+
+    run.loop._optimize = spy
+    with run:
+        summary = run.fit()
+    assert all(v is not None for v in summary["accuracy"][1])
+    assert any(exp == 1 and n > 0 for exp, n in rows), "experience 1 trained with replayed samples"
+
+
 def test_der_terms_equal_a_hand_computation(make_config):
     gen = torch.Generator().manual_seed(0)
     a, s, b, y = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(4, 5, generator=gen), torch.tensor([0, 4, 2, 2])
