@@ -22,7 +22,7 @@ from .loggers import JSONL_NAME, RunLogger, _to_jsonable, strategy_metrics
 from .loop import ContinualLoop, EngineDefaults, TestTimeLoop, check_evaluation
 from .plugins import Hooks, Registry, discover, instantiate
 from .distributed import init_from_env
-from .runtime import resolve_amp_dtype, resolve_device, seed_everything
+from .runtime import apply_runtime, resolve_amp_dtype, resolve_device, seed_everything
 from .state import State
 
 log = logging.getLogger(__name__)
@@ -398,6 +398,7 @@ def build(
             and TensorBoard (its step axis, and its experience axis).
     """
     seed_everything(config.seed, config.deterministic)
+    apply_runtime(config.runtime)  # thread count, for library callers as for the CLI
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and config.train.batch_size % world:
         raise ConfigError(f"train.batch_size ({config.train.batch_size}) is not divisible by the {world} processes; make the global batch a multiple of the world size.")
