@@ -174,6 +174,29 @@ def prepare_step(state: Any, config: Any, dataset: Any = None) -> None:
             if compile_backbone(backbone, getattr(train, "compile_backend", "inductor"), mode):
                 log.info("Compiling the prompted backbone (backend %s%s): the first steps of each prompt layout take longer.", backbone.compiled_forward.backend, f", mode {mode}" if mode else "")
     if dataset is not None and wants(getattr(train, "data_on_device", False), state.device):
-        resident = getattr(dataset, "to_device", None)
-        if resident is not None:
-            resident(state.device)
+        make_resident(dataset, state.device)
+
+
+RESIDENT_SHARE = 0.25  # at most this share of the device's free memory goes to one dataset
+
+
+def make_resident(dataset: Any, device: torch.device) -> bool:
+    """Keep an in-memory dataset on ``device`` (see ``TensorImageDataset.to_device``), once.
+
+    A dataset larger than ``RESIDENT_SHARE`` of the device's free memory stays on the host,
+    with one INFO line, and its batches are copied per step as before.
+    """
+    to_device = getattr(dataset, "to_device", None)
+    if to_device is None or getattr(dataset, "_resident_refused", False):
+        return False
+    if getattr(dataset, "resident", None) is not None:
+        return to_device(device) is not None  # a no-op once there
+    if device.type == "cuda":
+        size = dataset.images.numel() * dataset.images.element_size()
+        free, _ = torch.cuda.mem_get_info(device)
+        if size > RESIDENT_SHARE * free:
+            dataset._resident_refused = True
+            log.info("A dataset of %.0f MiB stays on the host (over %d%% of the device's free memory); its batches are copied per step.", size / 2**20, RESIDENT_SHARE * 100)
+            return False
+    to_device(device)
+    return True

@@ -114,6 +114,8 @@ class TensorImageDataset(Dataset):
         else. A CPU ``device`` drops the copy. Returns the dataset.
         """
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
         if device.type == "cpu":
             self.resident = None
         elif self.resident is None or self.resident[0].device != device:
