@@ -85,6 +85,7 @@ class PromptedCompile:
         self.graphs: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}
         self.failed: str | None = None  # the cause, once compilation has failed
         self._full = False
+        self._modules = list(backbone.modules())
         # every layout is one more guarded entry on the same traced function
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         if getattr(torch._dynamo.config, limit) < MAX_GRAPHS:
@@ -101,9 +102,21 @@ class PromptedCompile:
         shapes = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
         return (layout, tuple(x.shape), x.dtype, str(x.device), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), amp, shapes)
 
+    def hooked(self) -> bool:
+        """Whether a module hook is attached (a projection strategy collecting statistics).
+
+        Dynamo does not guard on hooks added after a graph was compiled (it would skip them),
+        so a pass with hooks runs eager.
+        """
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+
     def __call__(self, x: torch.Tensor, prompts: Prompts | None) -> torch.Tensor:
         eager = self.backbone.forward_tokens_eager
-        if self.failed is not None:
+        if self.failed is not None or self.hooked():
             return eager(x, prompts)
         layout, tensors = _flatten(prompts)
         key = self.key(x, layout, tensors)

@@ -170,3 +170,16 @@ def test_a_dataset_made_resident_mid_pass_keeps_its_order() -> None:
     data.resident = (data.images.clone(), data.targets.clone())  # what to_device holds, here on the CPU
     got += [t.tolist() for _, t, _ in it]
     assert got == expected
+
+
+def test_a_pass_with_a_module_hook_runs_eager_so_the_hook_sees_it() -> None:
+    backbone = tiny_vit()
+    dpcompile.compile_backbone(backbone, backend="eager")
+    x = torch.randn(2, 3, 16, 16)
+    backbone(x)  # compiled without hooks
+    seen = []
+    handle = backbone.model.blocks[1].norm1.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    backbone(x)
+    handle.remove()
+    assert seen == [torch.Size([2, 5, 32])]
+    assert len(backbone.compiled_forward.graphs) == 1
