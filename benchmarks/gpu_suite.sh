@@ -26,7 +26,8 @@ START=$(date +%s)
 
 if [ "$DEVICE" = "cpu" ]; then
     SIZE=(--quick --device cpu)
-    BATCH=(--batch-size 8 --steps 2)
+    # aot_eager: the same graphs without inductor's minutes of C++ code generation on a CPU
+    BATCH=(--batch-size 4 --steps 1 --compile-backend aot_eager)
 else
     SIZE=(--device cuda)
     BATCH=(--batch-size 256 --steps 10)
