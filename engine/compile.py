@@ -20,7 +20,6 @@ With every option off (the CPU defaults) nothing here runs and the eager path is
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -31,10 +30,6 @@ from .prompts import Prompts
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32  # layouts compiled per backbone; further layouts run eager (logged once)
-
-
-class CompileFallbackWarning(UserWarning):
-    """``torch.compile`` failed and the prompted forward pass runs eager."""
 
 
 def _flatten(prompts: Prompts | None) -> tuple[tuple[Any, ...], list[torch.Tensor]]:
@@ -146,7 +141,6 @@ class PromptedCompile:
         self.graphs.clear()
         message = f"torch.compile of the prompted backbone failed ({self.failed}); running eager instead. Set train.compile: false to skip compilation."
         log.warning(message)
-        warnings.warn(message, CompileFallbackWarning, stacklevel=3)
 
 
 def compile_backbone(backbone: Any, backend: str = "inductor", mode: str | None = None) -> bool:
