@@ -20,7 +20,10 @@ from driftprompt.engine.run import build
 from ..conftest import TINY_OPTIONS, tiny_config
 
 STRATEGIES = ["l2p", "dualprompt", "coda_prompt"]
-READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy")
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy", "bincount", "unique", "masked_select")
+# operators whose output size depends on the data: on CUDA they read a value back to size it
+# (bincount reads the largest index, nonzero and unique the count)
+SIZED_BY_DATA = ("bincount", "unique", "nonzero", "masked_select", "repeat_interleave")
 
 
 @contextlib.contextmanager
@@ -40,13 +43,26 @@ def host_reads_raise(allowed: set[int]) -> Iterator[list[str]]:
 
         return read
 
+    functions = {name: getattr(torch, name) for name in SIZED_BY_DATA}
+
+    def guard_function(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            seen.append(f"torch.{name}")
+            raise AssertionError(f"torch.{name} inside a step: its output size is read back from the device")
+
+        return call
+
     for name in READS:
         setattr(torch.Tensor, name, guard(name))
+    for name in SIZED_BY_DATA:
+        setattr(torch, name, guard_function(name))
     try:
         yield seen
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+        for name, original in functions.items():
+            setattr(torch, name, original)
 
 
 def prepared_run(name: str, device: str, **train: Any) -> Any:
@@ -63,7 +79,14 @@ def batches(run: Any, device: str) -> list[tuple[torch.Tensor, torch.Tensor, dic
     return out
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+L2P_BINCOUNT = pytest.mark.xfail(
+    strict=True,
+    reason="l2p counts prompt selections with torch.bincount in before_forward, which reads the largest index back to the host on CUDA; "
+    "counts.index_add_(0, idx.flatten(), ones) counts without a sync",
+)
+
+
+@pytest.mark.parametrize("name", [pytest.param("l2p", marks=L2P_BINCOUNT), "dualprompt", "coda_prompt"])
 def test_train_and_eval_steps_read_nothing_back_to_the_host(name: str) -> None:
     with prepared_run(name, "cpu") as run:
         loop, state = run.loop, run.state
@@ -89,10 +112,13 @@ def test_the_guard_catches_a_host_read() -> None:
         x.sum().item()
     assert seen == ["item"]
     assert x.sum().item() == 2.0  # restored
+    with host_reads_raise(set()) as seen, pytest.raises(AssertionError, match="torch.bincount inside a step"):
+        torch.bincount(torch.tensor([0, 1]))
+    assert torch.bincount(torch.tensor([0, 1])).tolist() == [1, 1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: set_sync_debug_mode only watches CUDA synchronisations")
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", [pytest.param("l2p", marks=L2P_BINCOUNT), "dualprompt", "coda_prompt"])
 @pytest.mark.parametrize("compile_", [False, True])
 def test_cuda_steps_run_under_sync_debug_mode_error(name: str, compile_: bool) -> None:
     with prepared_run(name, "cuda", compile=compile_, data_on_device=True) as run:
