@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from driftprompt.engine import BackboneError, ConfigError, Event, PluginError
-from driftprompt.engine.run import build, resume
+from driftprompt.engine.checkpoint import load
+from driftprompt.engine.run import build
 from driftprompt.plugins.qprompt import (
     QPrompt,
     ResidualPromptEncoder,
@@ -297,7 +298,10 @@ def test_a_checkpointed_run_resumes(make_config, tmp_path):
     run = build(config, run_dir=tmp_path / "run")
     run.fit()
     run.close()
-    resumed = resume(tmp_path / "run")
+    # a finished run is not resumed (nothing is left to train): restore its checkpoint into a
+    # fresh run of the same config, as --resume does after a kill
+    resumed = build(config, run_dir=None)
+    resumed.loop.restore(load(tmp_path / "run" / "checkpoint.pt"))
     strategy, restored = run.strategies[0][1], resumed.strategies[0][1]
     torch.testing.assert_close(restored.queue, strategy.queue)
     torch.testing.assert_close(restored.params["prefix"], strategy.params["prefix"])
