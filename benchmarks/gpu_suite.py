@@ -62,11 +62,18 @@ def summary(items: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for key in ("ours_train_img_per_s", "ours_eval_img_per_s", "train_peak_fraction", "eval_peak_fraction", "train_gflop_per_image", "compiled", "compile_failure", "batch_size", "ours_peak_memory_mb"):
             if key in f:
                 out[f"{strategy}_{key.removeprefix('ours_')}"] = f[key]
+    wanted = ("per_sample", "_mb", "speedup", "ratio", "img_per_s", "fraction")
     for item, prefix in (("tpt_latency", "tpt"), ("dynaprompt_memory", "dynaprompt"), ("query_cache", "query_cache"), ("tta_batching", "tta_batching"), ("l2p_eager_vs_reference", "l2p_eager")):
-        f = fig(item)
-        for key, value in f.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and any(w in key for w in ("ms", "speedup", "ratio", "memory", "img_per_s")):
+        flat: dict[str, Any] = {}
+        for key, value in fig(item).items():  # one level of nesting (tta_batching's per-method figures)
+            flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+        for key, value in flat.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and any(w in key for w in wanted):
                 out[f"{prefix}.{key}"] = value
+    seconds = fig("tpt_latency").get("ours_seconds_per_sample")
+    if isinstance(seconds, (int, float)):
+        out["tpt_ms_per_sample"] = 1000.0 * seconds
+        out["tpt_classes"] = fig("tpt_latency").get("classes")
     return out
 
 
