@@ -30,6 +30,7 @@ from .prompts import Prompts
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32  # layouts compiled per backbone; further layouts run eager (logged once)
+COMPILE_AFTER = 2  # a layout is compiled on its second pass: a one-off shape (a split's last batch) stays eager
 
 
 def _flatten(prompts: Prompts | None) -> tuple[tuple[Any, ...], list[torch.Tensor]]:
@@ -71,13 +72,18 @@ class PromptedCompile:
         backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` or ``"eager"``
             trace and run the graph without generating code, which tests use on the CPU).
         mode: ``torch.compile`` mode; ``"reduce-overhead"`` replays CUDA graphs.
+        compile_after: the pass of a layout that compiles it (earlier passes run eager), so
+            that a shape met once, such as the shorter last batch of a test split evaluated
+            once, costs no compilation.
     """
 
-    def __init__(self, backbone: Any, backend: str = "inductor", mode: str | None = None) -> None:
+    def __init__(self, backbone: Any, backend: str = "inductor", mode: str | None = None, compile_after: int = COMPILE_AFTER) -> None:
         self.backbone = backbone
         self.backend = backend
         self.mode = mode
+        self.compile_after = max(1, int(compile_after))
         self.graphs: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}
+        self.passes: dict[tuple[Any, ...], int] = {}  # eager passes of layouts not compiled yet
         self.failed: str | None = None  # the cause, once compilation has failed
         self._full = False
         self._modules = list(backbone.modules())
@@ -118,6 +124,9 @@ class PromptedCompile:
         fn = self.graphs.get(key)
         try:
             if fn is None:
+                seen = self.passes[key] = self.passes.get(key, 0) + 1
+                if seen < self.compile_after:
+                    return eager(x, prompts)
                 if len(self.graphs) >= MAX_GRAPHS:
                     if not self._full:
                         self._full = True
@@ -143,7 +152,7 @@ class PromptedCompile:
         log.warning(message)
 
 
-def compile_backbone(backbone: Any, backend: str = "inductor", mode: str | None = None) -> bool:
+def compile_backbone(backbone: Any, backend: str = "inductor", mode: str | None = None, compile_after: int = COMPILE_AFTER) -> bool:
     """Route ``backbone.forward_tokens`` through :class:`PromptedCompile`; ``False`` if it cannot be.
 
     Only backbones with an eager prompted forward (``forward_tokens_eager``, the timm ViT
@@ -152,7 +161,7 @@ def compile_backbone(backbone: Any, backend: str = "inductor", mode: str | None 
     """
     if not hasattr(backbone, "forward_tokens_eager"):
         return False
-    compiled = PromptedCompile(backbone, backend, mode)
+    compiled = PromptedCompile(backbone, backend, mode, compile_after)
     if not hasattr(torch, "compile"):
         compiled.fail(RuntimeError("this PyTorch has no torch.compile"))
         return False

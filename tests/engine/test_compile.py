@@ -44,7 +44,7 @@ def test_compiled_forward_gives_the_eager_features_and_gradients_in_fp32() -> No
     prompts = prompts_like_strategies(3, g)
     eager = backbone(x, prompts)
     (eager_grad,) = torch.autograd.grad(eager.sum(), prompts.tokens[0])
-    assert dpcompile.compile_backbone(backbone, backend="aot_eager")
+    assert dpcompile.compile_backbone(backbone, backend="aot_eager", compile_after=1)
     compiled = backbone(x, prompts)
     (compiled_grad,) = torch.autograd.grad(compiled.sum(), prompts.tokens[0])
     assert backbone.compiled_forward.failed is None
@@ -79,7 +79,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning_naming_the_cause
 
 def test_a_user_error_inside_the_compiled_pass_is_raised_not_hidden_by_the_fallback() -> None:
     backbone = tiny_vit()
-    dpcompile.compile_backbone(backbone, backend="aot_eager")
+    dpcompile.compile_backbone(backbone, backend="aot_eager", compile_after=1)
     p = Prompts()
     p.add_deep(0, torch.randn(2, 32))
     p.add_deep(1, torch.randn(3, 32))  # two deep-prompt lengths
@@ -104,6 +104,8 @@ def test_compile_options_are_off_on_the_cpu_by_default_and_compile_true_compiles
         run.loop._init()
         allowed = run.loop.begin_experience(0)
         images, targets, extras = next(run.stream[0].train.batches(8))
+        run.loop.train_step(images, targets, extras, allowed)
+        assert not run.state.backbone.compiled_forward.graphs  # a layout compiles on its second pass
         run.loop.train_step(images, targets, extras, allowed)
         assert run.state.backbone.compiled_forward.graphs
 
@@ -173,7 +175,7 @@ def test_a_dataset_made_resident_mid_pass_keeps_its_order() -> None:
 
 def test_a_pass_with_a_module_hook_runs_eager_so_the_hook_sees_it() -> None:
     backbone = tiny_vit()
-    dpcompile.compile_backbone(backbone, backend="eager")
+    dpcompile.compile_backbone(backbone, backend="eager", compile_after=1)
     x = torch.randn(2, 3, 16, 16)
     backbone(x)  # compiled without hooks
     seen = []

@@ -126,8 +126,13 @@ def test_cuda_steps_run_under_sync_debug_mode_error(name: str, compile_: bool) -
         loop._init()
         allowed = loop.begin_experience(0)
         data = batches(run, "cuda")
-        for batch in data:  # warm-up: optimizer moments, compiled graphs
-            loop.train_step(*batch, allowed)
+        for _ in range(2):  # warm-up: optimizer moments, and each layout's graph (compiled on its second pass)
+            for batch in data:
+                loop.train_step(*batch, allowed)
+            state.phase = "eval"
+            state.eval_experience = run.stream[0]
+            loop.eval_step(*data[0], allowed)
+            state.phase, state.eval_experience = "train", None
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
