@@ -63,7 +63,10 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict[s
         for i, p in enumerate(group["params"]):
             state = saved.get(f"{name}/{i}")
             if state is not None:
-                optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and k != "step" else v for k, v in state.items()}
+                # Adam keeps "step" on the host unless the group is fused (or capturable), where it
+                # must live beside the parameter
+                on_device = bool(group.get("fused") or group.get("capturable"))
+                optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and (k != "step" or on_device) else v for k, v in state.items()}
 
 
 def effective_lrs(optimizer: torch.optim.Optimizer, configured_lr: float) -> list[dict[str, Any]]:

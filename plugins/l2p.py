@@ -88,9 +88,19 @@ def select_prompts(keys: torch.Tensor, query: torch.Tensor, top_k: int, frequenc
     return score.topk(top_k, dim=1, largest=False).indices
 
 
+def selection_counts(idx: torch.Tensor, pool_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """How often each of ``pool_size`` prompts appears in ``idx``.
+
+    ``torch.bincount`` would give the same counts, but it reads the largest index back to the
+    host on CUDA; ``index_add_`` into a tensor of known size stays on the device.
+    """
+    flat = idx.flatten()
+    return torch.zeros(pool_size, dtype=dtype, device=idx.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+
+
 def batchwise_majority(idx: torch.Tensor, pool_size: int) -> torch.Tensor:
     """Replace per-sample selections by the batch's ``top_k`` most frequent prompts (ties: lowest id)."""
-    counts = torch.bincount(idx.flatten(), minlength=pool_size).float()
+    counts = selection_counts(idx, pool_size, torch.float32)
     # subtracting id / (pool + 1) < 1 breaks ties toward the lowest id without reordering counts
     tie_break = torch.arange(pool_size, device=idx.device, dtype=counts.dtype) / (pool_size + 1)
     top = (counts - tie_break).topk(idx.shape[1]).indices
@@ -240,7 +250,7 @@ class L2P(PromptStrategy):
         if self.batchwise_selection:
             idx = batchwise_majority(idx, self.pool_size)
         if training and self.counts is not None:
-            self.counts += torch.bincount(idx.flatten(), minlength=self.pool_size).to(self.counts.dtype)
+            self.counts += selection_counts(idx, self.pool_size, self.counts.dtype)
         self._idx = idx
         tokens = gather_prompts(self.params["prompts"], idx)
         if "pos" in self.params:

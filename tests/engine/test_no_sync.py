@@ -79,14 +79,7 @@ def batches(run: Any, device: str) -> list[tuple[torch.Tensor, torch.Tensor, dic
     return out
 
 
-L2P_BINCOUNT = pytest.mark.xfail(
-    strict=True,
-    reason="l2p counts prompt selections with torch.bincount in before_forward, which reads the largest index back to the host on CUDA; "
-    "counts.index_add_(0, idx.flatten(), ones) counts without a sync",
-)
-
-
-@pytest.mark.parametrize("name", [pytest.param("l2p", marks=L2P_BINCOUNT), "dualprompt", "coda_prompt"])
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt"])
 def test_train_and_eval_steps_read_nothing_back_to_the_host(name: str) -> None:
     with prepared_run(name, "cpu") as run:
         loop, state = run.loop, run.state
@@ -118,7 +111,7 @@ def test_the_guard_catches_a_host_read() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: set_sync_debug_mode only watches CUDA synchronisations")
-@pytest.mark.parametrize("name", [pytest.param("l2p", marks=L2P_BINCOUNT), "dualprompt", "coda_prompt"])
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt"])
 @pytest.mark.parametrize("compile_", [False, True])
 def test_cuda_steps_run_under_sync_debug_mode_error(name: str, compile_: bool) -> None:
     with prepared_run(name, "cuda", compile=compile_, data_on_device=True) as run:
