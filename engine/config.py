@@ -393,7 +393,7 @@ def dump_config(config: RunConfig, path: str | Path) -> None:
 
 #: Keys a resumed run may change: they touch where and how fast a run goes, never its result.
 #: A prefix covers its whole section. Documented in docs/failures.md.
-SAFE_TO_CHANGE: tuple[str, ...] = ("run_dir", "device", "log", "eval.batch_size", "train.num_workers", "distributed", "checkpoint", "runtime")
+SAFE_TO_CHANGE: tuple[str, ...] = ("run_dir", "device", "log", "eval.batch_size", "train.num_workers", "distributed", "checkpoint", "runtime", "query_cache.enabled", "query_cache.max_mb")
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
