@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from driftprompt.engine import hookimpl
 from driftprompt.engine.config import validate
 from driftprompt.engine.plugins import Registered, Registry, discover
 
@@ -67,3 +68,15 @@ def make_config():
         return validate(tiny_config(**changes))
 
     return make
+
+
+class Interrupt:
+    """A strategy that raises KeyboardInterrupt (a kill) when optimizer step ``at_step`` is about to run."""
+
+    def __init__(self, at_step: int = -1) -> None:
+        self.at_step = at_step
+
+    @hookimpl
+    def batch_start(self, state: Any) -> None:
+        if state.step == self.at_step:
+            raise KeyboardInterrupt

@@ -15,7 +15,7 @@ from driftprompt.engine.loggers import EXPERIENCE_TB_DIR, read_jsonl, strategy_m
 from driftprompt.engine.run import build
 from driftprompt.streams import TensorImageDataset, iterate
 
-from ..conftest import registry_with
+from ..conftest import Interrupt, registry_with
 
 
 def _accumulator(path):
@@ -221,22 +221,10 @@ def test_strategy_metrics_key_convention():
     assert strategy_metrics(metrics) == {"tpt/collapse_resets": 2, "myplug/thing": 1.5, "tpt/ece": 3.0}
 
 
-class Kill:
-    """A kill (KeyboardInterrupt) at a chosen optimizer step."""
-
-    def __init__(self, at_step: int = -1) -> None:
-        self.at_step = at_step
-
-    @hookimpl
-    def batch_start(self, state):
-        if state.step == self.at_step:
-            raise KeyboardInterrupt
-
-
 def test_curves_after_a_kill_and_resume_match_an_uninterrupted_run(tmp_path, make_config):
     from driftprompt.engine.run import resume
 
-    registry = registry_with(kill=Kill)
+    registry = registry_with(kill=Interrupt)
 
     def config(at_step):
         # 2 experiences x 2 epochs x 2 batches = 8 steps; a point every 3 steps and at each

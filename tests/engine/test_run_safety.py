@@ -23,7 +23,7 @@ from driftprompt.engine.config import load_config, validate
 from driftprompt.engine.loggers import read_jsonl
 from driftprompt.engine.run import build, resume
 
-from ..conftest import registry_with, tiny_config
+from ..conftest import Interrupt, registry_with, tiny_config
 from .test_resume import GrowingPrompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,18 +39,6 @@ def _one_error_line(err: str) -> str:
     assert "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
-
-
-class Interrupt:
-    """Raises KeyboardInterrupt (a kill) at a chosen optimizer step, after that step's records."""
-
-    def __init__(self, at_step: int = -1) -> None:
-        self.at_step = at_step
-
-    @hookimpl
-    def batch_start(self, state):
-        if state.step == self.at_step:
-            raise KeyboardInterrupt
 
 
 # --- the run directory ---------------------------------------------------------------------

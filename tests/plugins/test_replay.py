@@ -11,7 +11,7 @@ from driftprompt.engine import ConfigError, hookimpl
 from driftprompt.engine.run import build, resume
 from driftprompt.plugins.replay import DER, Replay, class_balanced_slot, der_terms, reservoir_slot
 
-from ..conftest import TINY_OPTIONS, registry_with
+from ..conftest import TINY_OPTIONS, Interrupt, registry_with
 
 EASY = {"num_classes": 6, "n_experiences": 3, "train_per_class": 16, "test_per_class": 8, "image_size": 16, "difficulty": 0.2, "seed": 0}
 TRAIN = {"epochs": 2, "batch_size": 8, "optimizer": {"name": "adam", "lr": 0.01}}
@@ -237,18 +237,6 @@ def test_replay_and_der_resume_to_the_uninterrupted_result(name, tmp_path, make_
     assert torch.equal(resumed_state["generator"], full_state["generator"])
     if name == "der":
         assert torch.equal(resumed_state["logits"], full_state["logits"])
-
-
-class Interrupt:
-    """Raises KeyboardInterrupt (a kill) when the optimizer step ``at_step`` is about to run."""
-
-    def __init__(self, at_step: int = -1) -> None:
-        self.at_step = at_step
-
-    @hookimpl
-    def batch_start(self, state):
-        if state.step == self.at_step:
-            raise KeyboardInterrupt
 
 
 def test_der_resumes_from_a_mid_experience_checkpoint_to_the_uninterrupted_result(tmp_path, make_config):
