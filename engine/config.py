@@ -102,7 +102,9 @@ class TrainConfig(_Strict):
         "stop", description="a step whose loss or gradient is not finite: stop the run naming it, or skip it (the update is not applied) and count it"
     )
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the prompted backbone (one graph per prompt layout and batch shape); auto: on CUDA only; falls back to eager, with one warning, where compilation fails"
+        False,
+        description="torch.compile the prompted backbone (one graph per prompt layout and batch shape); auto: on CUDA only; falls back to eager, with one warning, where compilation fails. "
+        "Off by default until the GPU suite has checked compiled against eager results on a GPU",
     )
     compile_backend: str = Field("inductor", description="torch.compile backend: inductor, or aot_eager/eager to check a graph without code generation")
     cuda_graphs: bool = Field(False, description="with compile on CUDA, replay CUDA graphs (torch.compile mode 'reduce-overhead'); for static shapes only")

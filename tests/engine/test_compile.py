@@ -87,11 +87,12 @@ def test_a_user_error_inside_the_compiled_pass_is_raised_not_hidden_by_the_fallb
         backbone(torch.randn(1, 3, 16, 16), p)
 
 
-def test_compile_options_are_off_on_the_cpu_by_default_and_compile_true_compiles(make_config) -> None:
+def test_compile_is_off_by_default_auto_means_cuda_and_compile_true_compiles(make_config) -> None:
     config = make_config()
-    assert config.train.compile == "auto" and config.train.data_on_device == "auto" and config.train.cuda_graphs is False
+    assert config.train.compile is False and config.train.data_on_device == "auto" and config.train.cuda_graphs is False
     assert not dpcompile.wants(config.train.compile, torch.device("cpu"))
-    assert dpcompile.wants(config.train.compile, torch.device("cuda"))
+    assert not dpcompile.wants(config.train.compile, torch.device("cuda"))
+    assert not dpcompile.wants("auto", torch.device("cpu")) and dpcompile.wants("auto", torch.device("cuda"))
     with build(config, run_dir=None) as run:
         run.loop._init()
         allowed = run.loop.begin_experience(0)
