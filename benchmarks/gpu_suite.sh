@@ -52,6 +52,11 @@ item() {
     echo "[gpu_suite] $name: exit $rc after $(($(date +%s) - t0))s"
 }
 
+# 0: CUDA correctness first: steps with no host synchronisation (set_sync_debug_mode("error")),
+# compiled against eager results, fused Adam; needs pytest (pip install -e ".[test]")
+if [ "$DEVICE" != "cpu" ]; then
+    item cuda_checks       75 -m pytest -q -p no:cacheprovider ../tests/engine/test_no_sync.py ../tests/engine/test_compile.py
+fi
 # 1-3: prompted ViT-B/16 training and evaluation, compiled, batch 256, with the fraction of peak
 item l2p_compiled         150 l2p_throughput.py "${SIZE[@]}" "${BATCH[@]}" --strategy l2p --compile on --no-reference
 item dualprompt_compiled  110 l2p_throughput.py "${SIZE[@]}" "${BATCH[@]}" --strategy dualprompt --compile on
