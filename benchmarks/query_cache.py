@@ -13,8 +13,8 @@ seconds (the process's CPU seconds are reported too). ``identical`` checks that 
 gave every evaluation logit and every accuracy bit for bit; the training that follows each
 evaluation is the same for both, since the cache does not cache training batches by default
 (tests/engine/test_query_cache.py compares whole runs with and without it, final parameters
-included). The run uses ``deterministic: true``: without it L2P's training on two CPU
-threads differs in the last bits from one run to the next, with or without the cache.
+included). The run uses ``deterministic: true``, so that any nondeterministic kernel would
+be refused rather than blur the bitwise comparison.
 
     python benchmarks/query_cache.py --quick                 # CPU: a 3-block ViT-Ti/16 at 224 px
     python benchmarks/query_cache.py --device cuda           # ViT-B/16 at 224 px, bf16 autocast

@@ -65,7 +65,7 @@ from driftprompt.engine import ConfigError, State, hookimpl
 from driftprompt.engine.loop import cross_entropy
 
 from .base import HEAD_INITS, PromptStrategy
-from .l2p import batchwise_majority, pull_loss, select_prompts
+from .l2p import batchwise_majority, pull_loss, select_prompts, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class DualPrompt(PromptStrategy):
         e = self.params["e"]
         for j, layer in enumerate(self.e_layers):
             # e[j, 0] is (pool, L, D); indexing with (B,) gives each sample its own (L, D) prefix
-            key, value = e[j, 0][idx[:, 0]], e[j, 1][idx[:, 0]]
+            key, value = take_rows(e[j, 0], idx[:, 0]), take_rows(e[j, 1], idx[:, 0])
             if self.reference_reshape:
                 key, value = reference_layout(key, value)
             state.prompts.add_prefix(layer, key, value)

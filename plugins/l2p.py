@@ -107,6 +107,18 @@ def batchwise_majority(idx: torch.Tensor, pool_size: int) -> torch.Tensor:
     return top.unsqueeze(0).expand(idx.shape[0], -1)
 
 
+def take_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` (rows of ``table`` picked by an index tensor of any shape), with a
+    reproducible gradient.
+
+    The gradient of advanced indexing accumulates with ``index_put_``, whose CPU kernel adds
+    repeated indices in a thread-dependent order: two identical L2P runs on two threads then
+    differ in the last bits of their prompts. ``index_select`` accumulates with ``index_add_``
+    in a fixed order; the forward values are the same.
+    """
+    return table.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *table.shape[1:])
+
+
 def pull_loss(keys: torch.Tensor, query: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Surrogate loss pulling the selected keys toward the query.
 
@@ -114,7 +126,7 @@ def pull_loss(keys: torch.Tensor, query: torch.Tensor, idx: torch.Tensor) -> tor
     batch. The query carries no gradient (it comes from the frozen model), so only keys move.
     """
     q = F.normalize(query.float().detach(), dim=-1).unsqueeze(1)  # B, 1, D
-    k = F.normalize(keys.float(), dim=-1)[idx]  # B, N, D
+    k = take_rows(F.normalize(keys.float(), dim=-1), idx)  # B, N, D
     return (1.0 - (q * k).sum(dim=-1)).sum(dim=1).mean()
 
 
@@ -134,7 +146,7 @@ def class_position_embedding(backbone: Any) -> torch.Tensor:
 
 def gather_prompts(prompts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Concatenate the selected prompts (M, L, D)[idx] into tokens of shape (B, N * L, D)."""
-    selected = prompts[idx]  # B, N, L, D
+    selected = take_rows(prompts, idx)  # B, N, L, D
     return selected.reshape(idx.shape[0], -1, prompts.shape[-1])
 
 

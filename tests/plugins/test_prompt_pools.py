@@ -214,3 +214,26 @@ def test_coda_bad_options(make_config):
     run = build(make_config(strategies=[{"name": "coda_prompt", "layers": [0, 1]}]), run_dir=None)
     with pytest.raises(ConfigError, match="orthogonal keys of width 32"):
         run.fit()
+
+
+def test_prompt_gathering_has_a_reproducible_gradient_on_several_threads():
+    # advanced indexing's gradient (index_put_ with accumulate) adds repeated indices in a
+    # thread-dependent order on the CPU; two identical runs then differed in the last bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randn(10, 5, 192, generator=gen, requires_grad=True)
+        keys = torch.randn(10, 192, generator=gen, requires_grad=True)
+        idx = torch.randint(0, 10, (16, 5), generator=gen)
+        weight = torch.randn(16, 25, 192, generator=gen)
+        query = torch.randn(16, 192, generator=gen)
+        grads = []
+        for _ in range(20):
+            prompts.grad = keys.grad = None
+            ((gather_prompts(prompts, idx) * weight).sum() + pull_loss(keys, query, idx)).backward()
+            grads.append((prompts.grad.clone(), keys.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0][0], g) and torch.equal(grads[0][1], k) for g, k in grads)
+    assert torch.equal(gather_prompts(prompts, idx), prompts[idx].reshape(16, 25, 192))
