@@ -13,22 +13,18 @@ from driftprompt.engine.errors import PluginError
 from driftprompt.engine.loggers import read_jsonl
 from driftprompt.engine.loop import cross_entropy
 from driftprompt.engine.run import build
+from driftprompt.plugins.finetune import Finetune
 from tests.conftest import registry_with
 
 
-class NaNAtSteps:
+class NaNAtSteps(Finetune):
     """A head-training strategy whose extra loss term is NaN at the given optimizer steps."""
 
     def __init__(self, steps: list[int] | None = None, term: str = "bad_term", value: float = float("nan")) -> None:
+        super().__init__()
         self.steps = set(steps or [])
         self.term = term
         self.value = value
-
-    @hookimpl
-    def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
-        if state.phase != "train" or state.head is None:
-            return None
-        return [{"params": list(state.head.parameters()), "name": "head", "role": "head"}]
 
     @hookimpl
     def loss_terms(self, state: State) -> dict[str, torch.Tensor]:
@@ -38,14 +34,8 @@ class NaNAtSteps:
         return {self.term: ce + poison * ce}
 
 
-class ReplayWithMask:
+class ReplayWithMask(Finetune):
     """Trains the head on targets of an old class while masking logits to the current classes."""
-
-    @hookimpl
-    def trainable_parameters(self, state: State) -> list[dict[str, Any]] | None:
-        if state.phase != "train" or state.head is None:
-            return None
-        return [{"params": list(state.head.parameters()), "name": "head", "role": "head"}]
 
     @hookimpl
     def before_loss(self, state: State) -> None:
