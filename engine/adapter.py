@@ -40,6 +40,7 @@ from torch import nn
 
 from .config import OptimizerConfig
 from .loop import EngineDefaults, TestTimeLoop
+from .errors import PluginError
 from .plugins import Hooks
 from .state import State
 
@@ -74,9 +75,9 @@ def check_image(image: Any) -> str | None:
         return f"expected an RGB image shaped (3, H, W), got {tuple(image.shape)}"
     if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
         return f"expected uint8 (0-255) or float (0-1) pixels, got {image.dtype}"
-    if image.dtype.is_floating_point and not bool(torch.isfinite(image).all()):
-        return "the image holds NaN or infinite values"
-    if image.dtype.is_floating_point and not bool(torch.isfinite(image.float()).all()):
+    if image.dtype.is_floating_point and not bool(torch.isfinite(image.float()).all()):  # one pass for usable images
+        if not bool(torch.isfinite(image).all()):
+            return "the image holds NaN or infinite values"
         return "the image holds values too large for float32 pixels; pass pixels in 0-1 (float) or 0-255 (uint8)"
     return None
 
@@ -198,9 +199,9 @@ class OnlineAdapter:
                 logits = self.state.logits
                 assert logits is not None
                 logits = logits.detach().float()[0]
-                probs = logits.softmax(dim=-1)
-                if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(probs).all())):
+                if not bool(torch.isfinite(logits).all()):  # then the fp32 softmax is finite too
                     raise FloatingPointError(NOT_FINITE)
+                probs = logits.softmax(dim=-1)
                 return Prediction(probs=probs.cpu())
             except Exception as exc:  # noqa: BLE001 - one image's failure must not fail the batch
                 self.state.optimizer = None
@@ -228,7 +229,7 @@ class OnlineAdapter:
                 assert logits is not None and logits.shape[0] == len(raw)
                 logits = logits.detach().float()
                 probs = logits.softmax(dim=-1)
-                ok = (torch.isfinite(logits).all(dim=-1) & torch.isfinite(probs).all(dim=-1)).tolist()
+                ok = torch.isfinite(logits).all(dim=-1).tolist()
             except Exception:  # noqa: BLE001 - the images are retried one at a time, each failing alone
                 self.state.optimizer = None
                 self._restore(saved)
@@ -252,8 +253,11 @@ class OnlineAdapter:
             if name in saved:
                 try:
                     plugin.load_state_dict(saved[name])
-                except Exception:  # noqa: BLE001 - a strategy that cannot restore keeps its state
-                    pass
+                except Exception as exc:  # adapting on from a half-changed state would be silent corruption
+                    raise PluginError(
+                        f"Strategy '{name}' could not restore its state after an image failed ({type(exc).__name__}: {exc}); "
+                        "its state is now unknown: call reset() or build a new adapter."
+                    ) from exc
 
     def reset(self) -> None:
         """Return every strategy to its initial prompt (strategies that define ``reset()``)."""

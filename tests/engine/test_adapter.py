@@ -119,3 +119,15 @@ def test_extreme_finite_pixels_fail_alone_and_leave_the_strategies_untouched(cli
 def test_predict_none_returns_an_error_instead_of_raising(clip):
     out = make_adapter(clip).predict(None)
     assert len(out) == 1 and not out[0].ok and "NoneType" in out[0].error and "(B, 3, H, W)" in out[0].error
+
+
+def test_a_strategy_that_cannot_roll_back_stops_the_adapter_loud(clip):
+    from driftprompt.engine.errors import PluginError
+
+    class NoRollback(TPT):
+        def load_state_dict(self, state):
+            raise RuntimeError("state layout changed")
+
+    adapter = OnlineAdapter(clip, [NoRollback(views=4)], class_names=NAMES, device="cpu")
+    with pytest.raises(PluginError, match="could not restore its state"):
+        adapter.predict([torch.full((3, 20, 24), 3e38)])  # fails after adapting: its rollback fails too
