@@ -146,7 +146,6 @@ def cmd_plugin_options(name: str) -> int:
     registry = catalog()
     entry = registry.strategies.get(name) or registry.streams.get(name)
     if entry is None:
-        kind = "strategy"
         registry.strategy(name)  # raises: unknown, with the names available
     kind = "strategy" if name in registry.strategies else "stream"
     options = entry.static["options"] if entry.static is not None else options_of(entry.obj)
@@ -206,12 +205,6 @@ def cmd_export(items: Sequence[str], out: str | None) -> int:
     return 0
 
 
-def _apply_runtime(config: Any) -> None:
-    from .runtime import apply_runtime
-
-    apply_runtime(config.runtime)
-
-
 def cmd_demo(run_root: str | None) -> int:
     from .run import build
 
@@ -219,7 +212,6 @@ def cmd_demo(run_root: str | None) -> int:
     summaries, dirs = [], []
     for strategy in DEMO_STRATEGIES:
         config = validate(demo_config(strategy))
-        _apply_runtime(config)
         with build(config, Path(run_root) / config.name if run_root else "auto", mode="fit") as run:
             _current_run_dir[:] = [run.run_dir] if run.run_dir else []
             summaries.append(run.fit())
@@ -234,7 +226,6 @@ def cmd_run(config_path: str | None, overrides: Sequence[str], run_dir: str | No
     from .run import build
 
     config = load_config(config_path, overrides)
-    _apply_runtime(config)
     with build(config, run_dir or "auto", mode="fit") as run:
         _current_run_dir[:] = [run.run_dir] if run.run_dir else []
         print(f"run directory: {run.run_dir}")
@@ -283,7 +274,6 @@ def cmd_seeds(config_path: str | None, overrides: Sequence[str], run_dir: str | 
     for seed in seeds:
         extra = [f"seed={seed}"] + ([f"stream.options.seed={seed}"] if vary_stream else [])
         config = load_config(config_path, [*overrides, *extra])
-        _apply_runtime(config)
         target = base / f"seed-{seed}"
         with build(config, target, mode="fit") as run:
             _current_run_dir[:] = [run.run_dir] if run.run_dir else []
@@ -299,7 +289,6 @@ def cmd_adapt(config_path: str | None, overrides: Sequence[str], run_dir: str | 
     from .run import build
 
     config = load_config(config_path, overrides)
-    _apply_runtime(config)
     with build(config, run_dir or "auto", mode="adapt") as run:
         _current_run_dir[:] = [run.run_dir] if run.run_dir else []
         print(f"run directory: {run.run_dir}")
@@ -316,12 +305,6 @@ def cmd_resume(run_dir: str, extra: Sequence[str]) -> int:
 
     if extra:
         raise DriftpromptError("--resume takes no config or overrides: a resumed run keeps the config saved in its directory.")
-    saved = Path(run_dir) / "config.yaml"
-    if saved.is_file():
-        try:
-            _apply_runtime(load_config(saved))
-        except DriftpromptError:
-            pass  # resume() names what is wrong with the directory
     try:
         run = resume(run_dir)
     except RunFinished as done:

@@ -36,7 +36,7 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
 )
 
 #: Keys that never separate two runs into different groups (besides SAFE_TO_CHANGE).
-IGNORED_KEYS: tuple[str, ...] = ("name", "seed", "stream.options.seed", "runtime", *SAFE_TO_CHANGE)
+IGNORED_KEYS: tuple[str, ...] = ("name", "seed", "stream.options.seed", *SAFE_TO_CHANGE)
 
 #: Stream options that may differ between the runs of one comparison (they reorder, not change, the stream).
 STREAM_ORDER_KEYS: tuple[str, ...] = ("seed", "class_order")

@@ -887,8 +887,8 @@ class OnlineCurves:
             return
         if self._logged_at != self.samples:
             self._log(metrics, logger)
-        elif logger is not None and scalars(strategy_metrics(metrics)):
-            logger.log_scalars("online", self.samples, scalars(strategy_metrics(metrics)))
+        elif logger is not None and (last := scalars(strategy_metrics(metrics))):
+            logger.log_scalars("online", self.samples, last)
 
     def _log(self, metrics: Mapping[str, Any], logger: RunLogger | None) -> dict[str, Any]:
         values = self.values(metrics)

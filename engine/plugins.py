@@ -32,7 +32,7 @@ import pluggy
 import pydantic
 
 from . import hookspecs
-from .errors import ConfigError, DriftpromptError, PluginError, condense
+from .errors import ConfigError, DriftpromptError, PluginError, RunInterrupted, condense
 from .events import Event
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _import_local(spec: str) -> ModuleType:
             module_spec.loader.exec_module(module)
         except BaseException as exc:
             sys.modules.pop(mod_name, None)
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, (KeyboardInterrupt, RunInterrupted)):  # Ctrl-C or SIGTERM while importing
                 raise
             raise PluginError(_import_failure(spec, exc)) from exc
         return module
@@ -370,22 +370,26 @@ class Hooks:
             tb = tb.tb_next
         return culprit
 
+    @staticmethod
+    def _attributed(exc: Exception, hook: str, who: str) -> Exception:
+        """The error to raise for ``exc``, raised by ``who`` (a strategy, or "engine") in ``hook``."""
+        if isinstance(exc, PluginError) or (isinstance(exc, DriftpromptError) and who == "engine"):
+            return exc  # already one sentence; the engine's own needs no attribution
+        if isinstance(exc, DriftpromptError):
+            # a user error detected by a plugin keeps its type (and its one sentence), named
+            return type(exc)(f"Strategy '{who}' stopped at '{hook}': {exc}")
+        subject = "The engine" if who == "engine" else f"Strategy '{who}'"
+        err = PluginError(f"{subject} failed while handling '{hook}': {type(exc).__name__}: {condense(str(exc))}")
+        err.plugin, err.event = who, hook  # type: ignore[attr-defined]
+        return err
+
     def _call(self, hook: str, **kwargs: Any) -> Any:
         try:
             return getattr(self.pm.hook, hook)(**kwargs)
-        except PluginError:
-            raise
-        except DriftpromptError as exc:
-            # a user error detected by a plugin keeps its type (and its one sentence), named
-            who = self._culprit(exc.__traceback__)
-            if who == "engine":
-                raise  # the engine's own sentence needs no attribution
-            raise type(exc)(f"Strategy '{who}' stopped at '{hook}': {exc}") from exc
         except Exception as exc:
-            who = self._culprit(exc.__traceback__)
-            subject = "The engine" if who == "engine" else f"Strategy '{who}'"
-            err = PluginError(f"{subject} failed while handling '{hook}': {type(exc).__name__}: {condense(str(exc))}")
-            err.plugin, err.event = who, hook  # type: ignore[attr-defined]
+            err = self._attributed(exc, hook, self._culprit(exc.__traceback__))
+            if err is exc:
+                raise
             raise err from exc
 
     def fire(self, event: Event, state: Any) -> None:
@@ -408,14 +412,11 @@ class Hooks:
         out = []
         for impl in reversed(impls):
             try:
-                result = impl.function(state=state)
-            except PluginError:
-                raise
-            except DriftpromptError as exc:
-                raise type(exc)(f"Strategy '{impl.plugin_name}' stopped at '{hook}': {exc}") from exc
+                result = impl.function(**{name: state for name in impl.argnames})  # as pluggy passes them
             except Exception as exc:
-                err = PluginError(f"Strategy '{impl.plugin_name}' failed while handling '{hook}': {type(exc).__name__}: {condense(str(exc))}")
-                err.plugin, err.event = impl.plugin_name, hook  # type: ignore[attr-defined]
+                err = self._attributed(exc, hook, impl.plugin_name)
+                if err is exc:
+                    raise
                 raise err from exc
             if result is not None:
                 out.append((impl.plugin_name, result))

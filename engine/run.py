@@ -319,7 +319,7 @@ class Run:
             # what the strategies put in state.metrics ("<strategy>/<name>"), as they last wrote it
             "strategy_metrics": _to_jsonable(strategy_metrics(self.state.metrics)),
         }
-        if not finished:
+        if not finished and self.run_dir is not None:
             summary["resume"] = f"driftprompt --resume {self.run_dir}"
         if self._writes():
             assert self.run_dir is not None
