@@ -206,7 +206,8 @@ def make_resident(dataset: Any, device: torch.device) -> bool:
     if to_device is None or getattr(dataset, "_resident_refused", False):
         return False
     if getattr(dataset, "resident", None) is not None:
-        return to_device(device) is not None  # a no-op once there
+        to_device(device)  # a no-op once there
+        return True
     if device.type == "cuda":
         size = dataset.images.numel() * dataset.images.element_size()
         free, _ = torch.cuda.mem_get_info(device)

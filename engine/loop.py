@@ -245,9 +245,15 @@ class _Loop:
         bad = self._last_step_bad = self._nonfinite_guard().observe(terms, grad_norm, s.plugin_state.pop(MASKED_TARGET_KEY, None))
         skip = nonfinite_mode(s) == "skip"
         assert s.optimizer is not None
-        if skip:  # a bad step changes neither the parameters nor the optimizer's moments
+        if skip:  # a bad step changes neither the parameters nor the optimizer's state
+            if self.sync_gradients and s.dist.enabled:
+                # one process's bad step is every process's: skipping it on some processes only
+                # would let the data-parallel copies of the model drift apart (on the device, no sync)
+                bad = s.dist.all_reduce_(bad.to(torch.int32), "the skip flag") > 0
+            # Adam's step counter too where it lives beside ``bad`` (fused, or on the CPU); an
+            # unfused optimizer's host-side counter on CUDA would need a sync and still advances
             saved = [(p, p.detach().clone()) for p in params]
-            saved += [(v, v.clone()) for p in params for v in s.optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0 and v.device == p.device]
+            saved += [(v, v.clone()) for p in params for v in s.optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.device == bad.device]
             for p in params:
                 if p.grad is not None:
                     p.grad.masked_fill_(bad, 0.0)
@@ -560,6 +566,8 @@ class ContinualLoop(_Loop):
                 break
         train_seconds = time.perf_counter() - started
         self.curves.flush(s, self.logger)  # the experience's last steps: its curves end with it
+        if getattr(exp.train, "resident", None) is not None:
+            exp.train.to_device("cpu")  # its device copy (train.data_on_device) is not read again
         self.hooks.fire(Event.EXPERIENCE_END, s)
         started = time.perf_counter()
         self._evaluate(i)
@@ -766,14 +774,16 @@ class TestTimeLoop(_Loop):
             if d.enabled and ((self.episodic and n % d.world_size != d.rank) or (not self.episodic and not d.is_main)):
                 continue
             s.batch_index = n
-            hits: list[bool] = []
+            parts: list[torch.Tensor] = []  # per-part hits, read back once per batch
             done = 0
             for part in self._split(images, targets, extras):
                 logits, labels = self._adapt_and_predict(*part, allowed)
-                hits += (logits.argmax(dim=1) == labels).tolist() if labels is not None else []
+                if labels is not None:
+                    parts.append(logits.argmax(dim=1) == labels)
                 done += part[0].shape[0]
                 if s.stop:
                     break
+            hits: list[bool] = torch.cat(parts).tolist() if parts else []
             domains = extras.get("domain")
             records.append((n, done, hits, [str(x) for x in domains][:done] if domains is not None else None))
             self._postfix(online.after_sample(done, hits, records[-1][3], s.metrics, self.logger))
