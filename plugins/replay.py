@@ -159,6 +159,15 @@ def _item(dataset: Any, position: int, index: int) -> tuple[torch.Tensor, int]:
     return torch.as_tensor(item[0]), int(item[1])
 
 
+def _label(dataset: Any, position: int) -> int | None:
+    """The label at ``position`` when the dataset lists its labels (no image decoded), else ``None``."""
+    targets = getattr(dataset, "targets", None)
+    try:
+        return int(targets[position]) if targets is not None and len(targets) == len(dataset) else None
+    except (TypeError, IndexError):
+        return None
+
+
 # --- the strategies ---------------------------------------------------------------------
 
 
@@ -314,7 +323,12 @@ class Replay:
             key = (state.experience.index, int(idx))
             if key in self._stored:
                 continue  # offered again in a later epoch: it is in the buffer already
-            image, label = _item(dataset, position, int(idx))
+            # the image is loaded only for samples the buffer takes (decoding every offered one
+            # would cost a second read of each training image, most of them turned away)
+            label = _label(dataset, position)
+            image = None
+            if label is None:
+                image, label = _item(dataset, position, int(idx))
             self.seen += 1
             self.class_seen[label] = self.class_seen.get(label, 0) + 1
             if self.policy == "reservoir":
@@ -323,6 +337,8 @@ class Replay:
                 slot = class_balanced_slot(self.labels, label, self.class_seen[label], self.capacity, self.generator, self._counts)
             if slot < 0:
                 continue
+            if image is None:
+                image, _ = _item(dataset, position, int(idx))
             entry = (image.clone(), label, int(idx), state.experience.index)
             self._stored.add(key)
             self._counts[label] = self._counts.get(label, 0) + 1

@@ -42,9 +42,9 @@ test set of experience 0 only and the later experiences have none, so row ``i`` 
 matrix evaluates the shared set once, in column 0, instead of repeating it in identical columns:
 the final average accuracy is the shared-set accuracy after the last experience and the average
 incremental accuracy its mean over the rows. The later columns are listed under
-``empty_test_experiences``; forgetting and backward transfer, which need an entry in every
-earlier column, are left null rather than computed over copies of one column (the drop on the
-shared set is ``max_{i<T-1} a[i, 0] - a[T-1, 0]``, read from column 0).
+``empty_test_experiences``, which forgetting and backward transfer leave out: they are taken
+over the shared set alone (forgetting ``max_{i<T-1} a[i, 0] - a[T-1, 0]``, backward transfer
+``a[T-1, 0] - a[0, 0]``), never over copies of one column.
 
 Online streams: the sub-experiences of ``split_online_stream`` (``OnlineCLExperience``,
 ContinualAI/avalanche avalanche/benchmarks/scenarios/online.py:106) are grouped back by their
