@@ -571,6 +571,11 @@ class ContinualLoop(_Loop):
         self.hooks.fire(Event.EXPERIENCE_END, s)
         started = time.perf_counter()
         self._evaluate(i)
+        from driftprompt.streams.base import unreadable_images
+
+        skipped = unreadable_images(self.stream)
+        if skipped:  # trained and scored on fewer images than the stream holds: the summary says so
+            self.accuracy.notes["skipped_unreadable_images"] = skipped
         eval_seconds = time.perf_counter() - started
         timing = {"experience": i, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "train_images_per_s": images_seen / max(train_seconds, 1e-9)}
         if s.device.type == "cuda":

@@ -331,6 +331,11 @@ class Run:
         tt = self.config.test_time
         loop = TestTimeLoop(self.state, self.hooks, self.strategies, tt.steps, tt.optimizer, tt.reset_optimizer, self.logger, self.config.log.progress, tt.episodic)
         result = self._guarded(lambda: loop.run(batches, total))
+        from driftprompt.streams.base import unreadable_images
+
+        skipped = unreadable_images(self.stream)
+        if skipped:  # scored on fewer images than the stream holds: the summary says so
+            result["skipped_unreadable_images"] = skipped
         if self._writes():
             assert self.run_dir is not None
             data = {"status": "finished", "name": self.config.name, "strategies": [n for n, _ in self.strategies], **self.state.metrics.get("online", result), "strategy_metrics": _to_jsonable(strategy_metrics(self.state.metrics))}

@@ -57,6 +57,14 @@ def _skipped_root(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def unreadable_images(stream: Any) -> int:
+    """Images of ``stream`` left out because they could not be decoded: those caught when its
+    datasets were built and those found truncated only when their batch was read."""
+    own = int(getattr(stream, "skipped", 0) or 0)  # a test-time stream counts its own
+    roots = {id(r): r for exp in getattr(stream, "experiences", []) or [] for r in (_skipped_root(exp.train), _skipped_root(exp.test)) if r is not None}
+    return own + sum(int(getattr(r, "skipped", 0) or 0) for r in roots.values())
+
+
 class TensorImageDataset(Dataset):
     """Images held in memory as one uint8 tensor (N, 3, H, W) with integer labels.
 

@@ -151,3 +151,13 @@ def test_folder_and_archive_paths_of_the_wrong_kind_are_named(tmp_path):
     (tmp_path / "folder.tar").mkdir()
     with pytest.raises(StreamError, match="is a folder, not a tar archive"):
         image_tar(str(tmp_path / "folder.tar"), n_experiences=1)
+
+
+def test_a_run_over_truncated_images_says_how_many_it_left_out(tmp_path, make_config):
+    from driftprompt.engine.run import build
+
+    root = _folder(tmp_path / "f")
+    config = make_config(stream={"name": "image_folder", "options": {"path": str(root), "image_size": 16, "in_memory": False, "n_experiences": 1}})
+    with build(config, run_dir=None) as run:
+        summary = run.fit()
+    assert summary["skipped_unreadable_images"] >= 1  # a result on fewer images is never silent
