@@ -625,6 +625,11 @@ class TPT(CLIPTestTimeBase):
 
     @hookimpl
     def test_stream_start(self, state: State) -> None:
+        tt = getattr(state.config, "test_time", None)
+        if tt is not None and self.independent_samples and tt.batch_size > 1 and not tt.reset_optimizer:
+            # refused before any sample, not at the second batch (trainable_parameters keeps the
+            # same check for callers that drive the loop without a config)
+            raise ConfigError("tpt adapts the samples of a batch independently only with a fresh optimizer per sample; set test_time.reset_optimizer: true, or the tpt option per_sample: false.")
         self._ensure(state)
 
     @hookimpl
@@ -678,9 +683,11 @@ class TPT(CLIPTestTimeBase):
         The mean with a shared context; the sum with per-sample contexts, so that each
         sample's gradient is exactly its own loss's.
         """
-        if self.selected is None:
-            self.selected = torch.stack([select_confident(row.detach(), self.selection)[1] for row in logits])
-        terms = torch.stack([avg_entropy(row[idx]) for row, idx in zip(logits, self.selected)])
+        if self.selected is None:  # select_confident of every image at once: (B, k) view indices
+            k = max(1, int(logits.shape[1] * self.selection))
+            self.selected = torch.argsort(entropy(logits.detach()), dim=1)[:, :k]
+        picked = logits.gather(1, self.selected[..., None].expand(-1, -1, logits.shape[-1]))  # B, k, C
+        terms = avg_entropy(picked.transpose(0, 1))  # (k, B, C) -> (B,): each image's own views
         return terms.sum() if self.batch_ctx is not None else terms.mean()
 
     @hookimpl

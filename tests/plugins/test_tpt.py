@@ -156,3 +156,13 @@ def test_a_run_with_test_time_batches_predicts_as_sample_wise():
             assert tpt.batch_ctx is None or tpt.batch_ctx.shape[0] == 2  # the last batch holds two samples
     assert probs[1].shape == (5, 4)
     torch.testing.assert_close(probs[3], probs[1], atol=1e-5, rtol=0)
+
+
+def test_independent_batches_with_a_kept_optimizer_are_refused_before_any_sample(make_config):
+    from driftprompt.engine import ConfigError
+
+    run = make_run(lambda **kw: make_config(test_time={"batch_size": 2, "reset_optimizer": False}, **kw))
+    data = TensorImageDataset(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ConfigError, match="reset_optimizer"):
+        run.adapt(iterate(data, 2), total=2)
+    assert dict(run.strategies)["tpt"].batch_ctx is None  # refused at the stream's start: nothing adapted
