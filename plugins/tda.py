@@ -267,11 +267,18 @@ class TDA:
     # --- the maths -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_stats(self, state: State, x: torch.Tensor) -> list[SampleStats]:
-        """Zero-shot feature, logits, entropy, probabilities and prediction of each image."""
+    def sample_stats(self, state: State, x: torch.Tensor | None = None) -> list[SampleStats]:
+        """Zero-shot feature, logits, entropy, probabilities and prediction of each image.
+
+        ``x``: the images as CLIP takes them, made from ``state`` when not given and only when
+        used (with several views, the views are cut from the raw images instead).
+        """
         clip = self.setup(state)
         assert self.weights is not None
-        views = make_views(raw_images(state), self.views, self.generator, clip, self.augmix) if self.views > 1 else x.unsqueeze(1)
+        if self.views > 1:
+            views = make_views(raw_images(state), self.views, self.generator, clip, self.augmix)
+        else:
+            views = (clip_inputs(state, clip) if x is None else x).unsqueeze(1)
         B, V = views.shape[:2]
         feats = F.normalize(clip.encode_image(views.flatten(0, 1)).float(), dim=-1).view(B, V, -1)
         logits = self.scale() * feats @ self.weights.T  # B, V, C
@@ -332,8 +339,7 @@ class TDA:
         """TDA logits of ``state.inputs``; in "predict" the updated caches wait for ``test_sample_end``."""
         if state.phase == "train":
             return None
-        clip = self.setup(state)
-        stats = self.sample_stats(state, clip_inputs(state, clip))
+        stats = self.sample_stats(state)
         pos, neg = self.pos, self.neg
         rows = []
         for s in stats:
