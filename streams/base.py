@@ -57,6 +57,13 @@ def _skipped_root(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def container_bits(top: int) -> int:
+    """The bit depth (8, 16 or 32) of integer pixels whose largest value is ``top``: values
+    below 256 are 8-bit, below 65536 16-bit. One rule for arrays and for image files, so the
+    same 16-bit data gives the same 8-bit pixels however it arrives."""
+    return 8 if top < 1 << 8 else 16 if top < 1 << 16 else 32
+
+
 def unreadable_images(stream: Any) -> int:
     """Images of ``stream`` left out because they could not be decoded: those caught when its
     datasets were built and those found truncated only when their batch was read."""

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from driftprompt.engine.errors import StreamError
 
-from .base import TensorImageDataset, UnreadableImageError
+from .base import TensorImageDataset, UnreadableImageError, container_bits
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img).astype(np.int64)
         if mode == "I":
-            top = int(arr.max()) if arr.size else 0
-            bits = 8 if top < 1 << 8 else 16 if top < 1 << 16 else 32
+            bits = container_bits(int(arr.max()) if arr.size else 0)
         else:
             bits = 16
         grey = (np.clip(arr, 0, None) >> (bits - 8)).clip(0, 255).astype(np.uint8)

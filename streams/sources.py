@@ -17,7 +17,7 @@ import torch
 
 from driftprompt.engine.errors import StreamError
 
-from .base import TensorImageDataset
+from .base import TensorImageDataset, container_bits
 
 DATA_ENV = "DRIFTPROMPT_DATA"
 
@@ -91,15 +91,16 @@ def to_uint8_nchw(images: Any, channels_last: bool | None = None) -> torch.Tenso
 
 
 def _integer_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """8-bit values of integer images: as they are up to 255, else shifted by the bits they use."""
+    """8-bit values of integer images: as they are up to 255, else shifted down from the 16- or
+    32-bit depth their values use (:func:`~driftprompt.streams.base.container_bits`)."""
     if x.numel() == 0:
         return x.to(torch.uint8)
     low, top = int(x.min()), int(x.max())
     if low < 0:
         raise StreamError(f"Integer images hold negative values (minimum {low}); give unsigned pixel values (0-255, or 0-65535 for 16-bit images).")
-    bits = max(8, top.bit_length())
-    if bits > 32:
+    if top >= 1 << 32:
         raise StreamError(f"Integer images hold values up to {top}, more than 32 bits; give 8- or 16-bit pixel values.")
+    bits = container_bits(top)
     return (x >> (bits - 8) if bits > 8 else x).to(torch.uint8)
 
 

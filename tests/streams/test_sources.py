@@ -150,3 +150,15 @@ def test_a_stream_without_any_test_image_is_refused_when_built():
     with pytest.raises(StreamError, match="no accuracy can be measured"):
         Stream([Experience(0, train, empty, [0, 1])], num_classes=2)
     assert len(Stream([Experience(0, train, train, [0, 1]), Experience(1, train, empty, [0, 1])], num_classes=2)) == 2
+
+
+def test_dark_16_bit_data_gives_the_same_pixels_as_an_array_and_as_a_file(tmp_path):
+    from PIL import Image
+
+    from driftprompt.streams.folders import decode
+
+    grey = np.full((4, 4), 300, dtype=np.uint16)  # 16-bit data that uses only 9 bits
+    Image.fromarray(grey).save(tmp_path / "dark.png")
+    from_file = decode(tmp_path / "dark.png")
+    from_array = from_arrays(grey[None], [0]).images[0]
+    assert from_file[0, 0, 0].item() == from_array[0, 0, 0].item() == 300 >> 8
