@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,31 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BackboneError
+from .errors import BackboneError, load_error_cause
 from .prompts import POOLS, Prompts
 
 log = logging.getLogger(__name__)
 
 WEIGHT_CHOICES = "'pretrained' (download by name, or use the local cache), a path to a .safetensors/.pth file, or 'random'"
-
-
-def load_error_cause(exc: BaseException) -> str:
-    """The cause inside a reader's (often multi-line) message, as ``Type: first sentence``.
-
-    ``torch.load`` with ``weights_only=True`` wraps the real cause in a paragraph of advice
-    (its ``WeightsUnpickler error:`` line is kept); zip and tar readers append hints after
-    the first sentence. Terminal colour codes are dropped.
-    """
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    found = re.search(r"WeightsUnpickler error: *(.*)", text)
-    if found:
-        text = found.group(1)
-    lines = [line.strip(" -\t") for line in text.splitlines() if line.strip(" -\t")]
-    first = lines[0] if lines else ""
-    if first.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for X:" then the cause
-        first = lines[1]
-    first = first.split(". ")[0].rstrip(".:")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _looks_like_text(path: Path) -> bool:

@@ -144,7 +144,7 @@ class PromptedCompile:
 
     def fail(self, exc: BaseException) -> None:
         """Run eager from now on, with one warning naming the cause."""
-        from .backbones import load_error_cause
+        from .errors import load_error_cause
 
         self.failed = load_error_cause(exc)
         self.graphs.clear()

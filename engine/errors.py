@@ -46,6 +46,27 @@ def condense(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3].rstrip() + "..."
 
 
+def load_error_cause(exc: BaseException) -> str:
+    """The cause inside a reader's (often multi-line) message, as ``Type: first sentence``.
+
+    ``torch.load`` with ``weights_only=True`` wraps the real cause in a paragraph of advice
+    (its ``WeightsUnpickler error:`` line is kept); zip and tar readers append hints after
+    the first sentence. Terminal colour codes are dropped.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error: *(.*)", text)
+    if found:
+        text = found.group(1)
+    lines = [line.strip(" -\t") for line in text.splitlines() if line.strip(" -\t")]
+    first = lines[0] if lines else ""
+    if first.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for X:" then the cause
+        first = lines[1]
+    first = first.split(". ")[0].rstrip(".:")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 _OS_HINTS = {
     "EACCES": "check the permissions of that path or choose another location",
     "EPERM": "check the permissions of that path or choose another location",

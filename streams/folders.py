@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from driftprompt.engine.errors import StreamError
+from driftprompt.engine.errors import StreamError, load_error_cause
 
 from .base import TensorImageDataset, UnreadableImageError, container_bits
 
@@ -87,13 +87,6 @@ def decode(data: bytes | Path, image_size: int | None = None) -> torch.Tensor:
 
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's cause in one clause (tarfile and torch write several lines and advice)."""
-    lines = [line.strip(" -:\t") for line in str(exc).splitlines() if line.strip(" -:\t")]
-    first = lines[0].split(". ")[0].rstrip(".") if lines else "no details"
-    return f"{type(exc).__name__}: {first}"
 
 
 @dataclass
@@ -179,7 +172,7 @@ def _load_cache(file: Path, options: dict[str, Any]) -> dict[str, Any]:
     try:
         result = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zips, pickles and foreign files fail in many ways
-        raise StreamError(f"Stream cache file '{file}' cannot be read ({_one_line(exc)}); delete it and it is rebuilt from the images.") from exc
+        raise StreamError(f"Stream cache file '{file}' cannot be read ({load_error_cause(exc)}); delete it and it is rebuilt from the images.") from exc
     splits = [s or "" for s in options.get("splits", [])]
     ok = isinstance(result, dict) and isinstance(result.get("classes"), list)
     for split in splits if ok else []:
@@ -253,7 +246,7 @@ def read_tar(
                     c.labels.append(cls)
                     c.per_class[cls] = c.per_class.get(cls, 0) + 1
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-            raise StreamError(f"'{path}' is not a readable tar archive ({_one_line(exc)}); re-download or re-create it.") from exc
+            raise StreamError(f"'{path}' is not a readable tar archive ({load_error_cause(exc)}); re-download or re-create it.") from exc
         if not names:
             raise StreamError(f"Archive '{path}' holds no images under {'/'.join(splits)}/<class>/; use the layout <split>/<class>/<image> inside it.")
         return _pack(collected, sorted(names), str(path))
@@ -420,7 +413,7 @@ class ImageFileDataset(Dataset):
         try:
             return decode(self.files[i], self.image_size), int(self.targets[i]), i
         except _DECODE_ERRORS as exc:
-            raise UnreadableImageError(f"Image '{self.files[i]}' cannot be decoded ({_one_line(exc)}); remove or replace the file.", str(self.files[i])) from exc
+            raise UnreadableImageError(f"Image '{self.files[i]}' cannot be decoded ({load_error_cause(exc)}); remove or replace the file.", str(self.files[i])) from exc
 
 
 def lazy_folder(root: str | os.PathLike[str], split: str | None, image_size: int = 224, classes: list[str] | None = None) -> ImageFileDataset:

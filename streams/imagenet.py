@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from driftprompt.engine.errors import StreamError
+from driftprompt.engine.errors import StreamError, load_error_cause
 
 from .base import UnreadableImageError
 from .folders import _DECODE_ERRORS, IMAGE_EXTENSIONS, ImageFileDataset, to_rgb
@@ -99,7 +99,7 @@ class RawImageFileDataset(ImageFileDataset):
                 sq = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
         except _DECODE_ERRORS as exc:
             # skipped and counted by the stream's batching, like a file caught up front
-            raise UnreadableImageError(f"Image '{self.files[i]}' cannot be decoded ({exc}); remove or replace the file.", str(self.files[i])) from exc
+            raise UnreadableImageError(f"Image '{self.files[i]}' cannot be decoded ({load_error_cause(exc)}); remove or replace the file.", str(self.files[i])) from exc
         return sq.contiguous(), raw.contiguous()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
