@@ -109,11 +109,9 @@ class PromptedCompile:
         Dynamo does not guard on hooks added after a graph was compiled (it would skip them),
         so a pass with hooks runs eager.
         """
-        from torch.nn.modules import module as nn_module
+        from .query_cache import has_forward_hooks
 
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+        return has_forward_hooks(self._modules)
 
     def __call__(self, x: torch.Tensor, prompts: Prompts | None) -> torch.Tensor:
         eager = self.backbone.forward_tokens_eager

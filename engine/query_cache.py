@@ -51,7 +51,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -78,12 +78,19 @@ def weights_version(module: nn.Module) -> tuple[Any, ...] | None:
         if t.requires_grad:
             return None
         parts.append((t.data_ptr(), t._version))
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if has_forward_hooks(module.modules()):
         return None
-    for m in module.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            return None
     return tuple(parts)
+
+
+def has_forward_hooks(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward (pre-)hook is attached globally or to one of ``modules``: a pass that
+    would run it cannot be replaced by a stored result or a compiled graph."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class QueryCache:
